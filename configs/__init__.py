@@ -1,0 +1,1 @@
+"""Preset configurations (YAML), installed as fastdiff.configs."""

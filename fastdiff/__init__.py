@@ -1,0 +1,142 @@
+"""fastdiff — training-free acceleration for diffusers pipelines.
+
+    handle = fastdiff.apply(pipe, preset="none")
+    image = pipe(...)
+    print(handle.summary())
+    fastdiff.remove(pipe)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import adapters
+from .config import SECTIONS, FastDiffConfig, TelemetryConfig
+from .context import StepContext, TokenLayout
+from .cost.estimate import Estimate, dense_table
+from .cost.model import CostModel
+from .errors import ConfigError, FastDiffError, UnsupportedModelError
+from .integrations.diffusers import find_parts, latent_dims
+from .mechanisms import registry as _mechanisms
+from .session import ATTR, Session
+
+__version__ = "0.1.0"
+__all__ = [
+    "apply", "remove", "reset", "accelerated", "estimate", "presets", "load_config", "supported",
+    "FastDiffConfig", "TelemetryConfig", "Session", "StepContext", "TokenLayout", "Estimate",
+    "FastDiffError", "ConfigError", "UnsupportedModelError",
+]
+
+Handle = Session
+
+
+def presets() -> list[str]:
+    """Names of the presets shipped in configs/."""
+    return sorted(p.name[:-5] for p in resources.files("fastdiff.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(config: Any = None, *, preset: str | None = None, **overrides) -> FastDiffConfig:
+    """Build and validate a FastDiffConfig from a dataclass, dict, preset name, YAML path, plus overrides.
+
+    Raises ConfigError on an unknown preset or key, or on a bad value.
+    """
+    if preset is not None and config is not None:
+        raise ConfigError("give either config or preset, not both")
+    if isinstance(config, str) and not config.endswith((".yaml", ".yml")):
+        config, preset = None, config
+    if preset is not None:
+        if preset not in presets():
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {presets()}")
+        cfg = FastDiffConfig.from_yaml(Path(str(resources.files("fastdiff.configs") / f"{preset}.yaml")))
+    elif config is None:
+        cfg = FastDiffConfig()
+    elif isinstance(config, FastDiffConfig):
+        cfg = config.merged({})  # a validated copy: later edits of the caller's object do not leak in
+    elif isinstance(config, dict):
+        cfg = FastDiffConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        cfg = FastDiffConfig.from_yaml(config)
+    else:
+        raise ConfigError(f"config must be a FastDiffConfig, dict, preset name or YAML path, got {type(config).__name__}")
+    return cfg.merged(overrides) if overrides else cfg
+
+
+def supported() -> dict[str, list[str]]:
+    """Family name -> denoiser classes with adapters."""
+    return adapters.supported()
+
+
+def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = None, **overrides) -> Session:
+    """Accelerate a diffusers pipeline (or its transformer/unet) in place; returns the Session handle.
+
+    Everything is validated before the model is touched: on any error the model is exactly as before.
+    """
+    cfg = load_config(config, preset=preset, **overrides)
+    pipeline, denoiser, scheduler = find_parts(pipe_or_denoiser)
+    if ATTR in denoiser.__dict__:
+        raise FastDiffError(f"fastdiff is already applied to this {type(denoiser).__name__}; "
+                            "call fastdiff.remove(pipe) first")
+    adapter = adapters.resolve(denoiser)
+    mechanisms = _mechanisms.build(cfg)
+    for mechanism in mechanisms:
+        mechanism.validate(adapter)
+    session = Session(denoiser, adapter, cfg, mechanisms, pipeline=pipeline, scheduler=scheduler)
+    session.attach()
+    return session
+
+
+def session_of(pipe_or_denoiser: Any) -> Session | None:
+    """The active Session on a pipeline or denoiser, if any."""
+    _, denoiser, _ = find_parts(pipe_or_denoiser)
+    return denoiser.__dict__.get(ATTR)
+
+
+def remove(pipe_or_denoiser: Any) -> bool:
+    """Remove every fastdiff hook; the model computes exactly what it computed before apply.
+    Returns False if fastdiff was not applied."""
+    session = session_of(pipe_or_denoiser)
+    if session is None:
+        return False
+    session.remove()
+    return True
+
+
+def reset(pipe_or_denoiser: Any) -> None:
+    """Drop all per-run state now (it is also dropped automatically at every new pipeline call)."""
+    session = session_of(pipe_or_denoiser)
+    if session is None:
+        raise FastDiffError("fastdiff is not applied to this pipeline")
+    session.reset()
+
+
+@contextlib.contextmanager
+def accelerated(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = None,
+                **overrides) -> Iterator[Session]:
+    """`with fastdiff.accelerated(pipe, ...) as handle:` — applied inside, removed on exit (even on error)."""
+    session = apply(pipe_or_denoiser, config, preset=preset, **overrides)
+    try:
+        yield session
+    finally:
+        session.remove()
+
+
+def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: int, steps: int,
+             num_frames: int | None = None, batch: int = 1, cfg: bool = True, text_tokens: int | None = None,
+             preset: str | None = None, **overrides) -> Estimate:
+    """Predicted FLOPs of one sampling run with `config` against the dense baseline. Runs no model."""
+    config = load_config(config, preset=preset, **overrides)
+    pipeline, denoiser, _ = find_parts(pipe_or_denoiser)
+    adapter = adapters.resolve(denoiser)
+    model = CostModel(adapter)
+    spec = adapter.spec
+    grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, height, width, num_frames))
+    n_text = spec.text_tokens if text_tokens is None else text_tokens
+    layout = TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position)
+    dense = dense_table(model, layout, steps, 2 if cfg else 1, batch)
+    table = dense
+    for mechanism in _mechanisms.build(config):
+        table = mechanism.estimate_cost(table)
+    return Estimate(table.flops, dense.flops, layout, steps, dense.calls_per_step, batch)

@@ -1,0 +1,280 @@
+"""Adapters describe a denoiser family as data: its blocks, their I/O, its token layout, its cost streams.
+
+A `FamilySpec` is pure data plus tiny functions; `resolve(denoiser)` binds the spec of the denoiser's
+class to the instance and returns a `BlockAdapter`. Adding a family = adding a small file that calls
+`register(FamilySpec(...))`. Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..context import COND, UNCOND, UNKNOWN, TokenLayout
+from ..errors import UnsupportedModelError
+
+# Token streams a linear/conv layer can act on (cost model): per image token (at UNet level k: "image@k"),
+# per text token, both concatenated, or once per sample (timestep/pooled embeddings, adaLN).
+IMAGE, TEXT, JOINT, GLOBAL = "image", "text", "joint", "global"
+
+
+@dataclass(frozen=True)
+class IOPattern:
+    """Where a block keeps its hidden / encoder states.
+
+    Args:
+        hidden_index: index of the hidden states in the returned tuple; None if the block returns a tensor.
+        encoder_index: index of the encoder (text) states in the returned tuple, if the block returns them.
+        hidden_arg / encoder_arg: names of those inputs in the block's forward.
+    """
+
+    hidden_index: int | None = None
+    encoder_index: int | None = None
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str | None = "encoder_hidden_states"
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """A ModuleList of blocks on the denoiser: its attribute path, kind and I/O pattern."""
+
+    path: str
+    kind: str
+    io: IOPattern = IOPattern()
+
+
+@dataclass(frozen=True)
+class CfgLayout:
+    """How a pipeline class runs classifier-free guidance.
+
+    Args:
+        mode: "batched" (cond and uncond halves in one call) or "separate" (one call per branch).
+        first: the branch of the first half (batched) or of the first call in a step (separate).
+        flag: pipeline attribute that is truthy while CFG is on (batched mode), if the pipeline has one.
+    """
+
+    mode: str
+    first: str
+    flag: str | None = "do_classifier_free_guidance"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything fastdiff knows about one denoiser family, as data.
+
+    Args:
+        name: short family name ("dit", "flux", ...).
+        classes: denoiser class names this spec serves.
+        block_lists: the denoiser's block lists, in execution order.
+        hidden_arg: name of the latent input of the denoiser's forward.
+        layout: (denoiser, bound forward arguments) -> TokenLayout of this call.
+        streams: (regex on the module path, stream) pairs, first match wins, default "image": which tokens
+            each Linear/Conv of the denoiser processes. Used by the cost model.
+        level: module path -> UNet resolution level (0 = full latent grid); None for transformers.
+        pipelines: pipeline class name -> CfgLayout.
+        row_branches: optional (denoiser, bound arguments) -> per-row branch labels read from the inputs
+            themselves (e.g. DiT's null class label); wins over the pipeline flag.
+        latent_grid: (denoiser config, latent frames, height, width) -> token grid (frames, h, w); None for
+            the auto fallback, which knows blocks but not the layout.
+        text_tokens: typical number of text tokens, the default for `fastdiff.estimate`.
+        text_position: where text tokens sit in attention (see TokenLayout).
+        reruns: paths of modules the denoiser runs once more outside their block (cost model).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    block_lists: tuple[BlockList, ...]
+    layout: Callable[[torch.nn.Module, dict], TokenLayout] | None
+    latent_grid: Callable[[Any, int, int, int], tuple[int, int, int]] | None
+    hidden_arg: str = "hidden_states"
+    streams: tuple[tuple[str, str], ...] = ()
+    level: Callable[[str, torch.nn.Module], int] | None = None
+    pipelines: dict[str, CfgLayout] = field(default_factory=dict)
+    row_branches: Callable[[torch.nn.Module, dict], tuple[str, ...] | None] | None = None
+    text_tokens: int = 0
+    text_position: str = "none"
+    reruns: tuple[str, ...] = ()
+
+    def stream_of(self, path: str) -> str:
+        for pattern, stream in self.streams:
+            if re.search(pattern, path):
+                return stream
+        return IMAGE
+
+
+@dataclass
+class Block:
+    """One block of a bound adapter."""
+
+    path: str  # e.g. "transformer_blocks.3"
+    index: int  # position in execution order over all block lists
+    kind: str
+    io: IOPattern
+    module: torch.nn.Module
+
+
+class BlockAdapter:
+    """A FamilySpec bound to one denoiser instance."""
+
+    def __init__(self, spec: FamilySpec, denoiser: torch.nn.Module):
+        self.spec = spec
+        self.denoiser = denoiser
+        self.blocks: list[Block] = []
+        for bl in spec.block_lists:
+            mlist = denoiser.get_submodule(bl.path) if _has_path(denoiser, bl.path) else None
+            if mlist is None:
+                continue  # e.g. a UNet without a mid block
+            members = list(mlist) if isinstance(mlist, torch.nn.ModuleList) else [mlist]
+            prefix = bl.path if isinstance(mlist, torch.nn.ModuleList) else None
+            for i, module in enumerate(members):
+                path = f"{prefix}.{i}" if prefix else bl.path
+                self.blocks.append(Block(path, len(self.blocks), bl.kind, bl.io, module))
+        if not self.blocks:
+            raise UnsupportedModelError(
+                f"{type(denoiser).__name__}: adapter '{spec.name}' found none of its block lists "
+                f"{[b.path for b in spec.block_lists]}"
+            )
+        self.signature = inspect.signature(type(denoiser).forward)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """The denoiser forward's arguments by name (defaults not filled in)."""
+        return self.signature.bind_partial(self.denoiser, *args, **kwargs).arguments
+
+    def hidden_input(self, bound: dict) -> torch.Tensor:
+        return bound[self.spec.hidden_arg]
+
+    def layout(self, bound: dict) -> TokenLayout | None:
+        return None if self.spec.layout is None else self.spec.layout(self.denoiser, bound)
+
+    def branches(self, bound: dict, pipeline: Any, call: int) -> tuple[str, ...]:
+        """Branch label of each batch row of this call."""
+        batch = self.hidden_input(bound).shape[0]
+        if self.spec.row_branches is not None:
+            rows = self.spec.row_branches(self.denoiser, bound)
+            if rows is not None:
+                return rows
+        cfg = self.spec.pipelines.get(type(pipeline).__name__) if pipeline is not None else None
+        if cfg is None:
+            return (UNKNOWN,) * batch
+        other = UNCOND if cfg.first == COND else COND
+        if cfg.mode == "separate":
+            return ((cfg.first if call == 0 else other),) * batch
+        if cfg.flag is not None and hasattr(pipeline, cfg.flag):
+            on = bool(getattr(pipeline, cfg.flag))
+        else:
+            # No flag to read (PixArt, DiT keep it local): batched CFG feeds the same latents to both halves.
+            hidden = self.hidden_input(bound)
+            on = batch % 2 == 0 and torch.equal(hidden[: batch // 2], hidden[batch // 2:])
+        if not on:
+            return (COND,) * batch
+        half = batch // 2
+        return (cfg.first,) * half + (other,) * (batch - half)
+
+
+def _has_path(module: torch.nn.Module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+# -- registry --------------------------------------------------------------------------------------
+_REGISTRY: dict[str, FamilySpec] = {}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    for cls in spec.classes:
+        _REGISTRY[cls] = spec
+    return spec
+
+
+def supported() -> dict[str, list[str]]:
+    """Family name -> denoiser class names fastdiff has adapters for."""
+    out: dict[str, list[str]] = {}
+    for cls, spec in _REGISTRY.items():
+        out.setdefault(spec.name, []).append(cls)
+    return out
+
+
+# Block-list names the auto fallback looks for, in execution order.
+AUTO_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "mid_block",
+                    "up_blocks")
+
+
+def resolve(denoiser: torch.nn.Module) -> BlockAdapter:
+    """The adapter for `denoiser`: by its class (or a base class), else the auto fallback; raises
+    UnsupportedModelError when neither applies."""
+    for cls in type(denoiser).__mro__:
+        spec = _REGISTRY.get(cls.__name__)
+        if spec is not None:
+            return BlockAdapter(spec, denoiser)
+    spec = _auto_spec(denoiser)
+    if spec is not None:
+        return BlockAdapter(spec, denoiser)
+    names = ", ".join(sorted(_REGISTRY))
+    raise UnsupportedModelError(
+        f"fastdiff has no adapter for {type(denoiser).__name__} and found none of the block lists "
+        f"{list(AUTO_BLOCK_LISTS)} on it. Supported denoisers: {names}. "
+        "Pass a diffusers pipeline or one of those models, or register a FamilySpec for this class."
+    )
+
+
+def _auto_spec(denoiser: torch.nn.Module) -> FamilySpec | None:
+    """A spec found by name: known block-list names, block I/O from diffusers' own block registry.
+
+    It knows blocks but not the token layout: mechanisms that need the layout refuse auto adapters.
+    """
+    params = inspect.signature(type(denoiser).forward).parameters
+    hidden_arg = next((a for a in ("hidden_states", "sample") if a in params), None)
+    lists = []
+    for path in AUTO_BLOCK_LISTS:
+        if hidden_arg is None or not _has_path(denoiser, path):
+            continue
+        module = denoiser.get_submodule(path)
+        if isinstance(module, torch.nn.ModuleList) and len(module) == 0:
+            continue
+        first = module[0] if isinstance(module, torch.nn.ModuleList) else module
+        lists.append(BlockList(path, "auto", _diffusers_io(type(first))))
+    if not lists:
+        return None
+    return FamilySpec(name="auto", classes=(), block_lists=tuple(lists), layout=None, latent_grid=None,
+                      hidden_arg=hidden_arg)
+
+
+def _diffusers_io(block_cls: type) -> IOPattern:
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        meta = TransformerBlockRegistry.get(block_cls)
+    except Exception:  # not registered there (or an older diffusers): treat outputs as opaque
+        return IOPattern(encoder_arg=None)
+    return IOPattern(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
+                     meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
+
+
+# -- small helpers the family files share ------------------------------------------------------------
+def patch_grid(f: int, h: int, w: int, pt: int, ph: int, pw: int) -> tuple[int, int, int]:
+    """Token grid of a (frames, height, width) latent cut into (pt, ph, pw) patches."""
+    return (f // pt, h // ph, w // pw)
+
+
+def tensor_layout(dims: str, latent_grid: Callable, text_position: str,
+                  hidden_arg: str = "hidden_states", text_arg: str = "encoder_hidden_states") -> Callable:
+    """A layout function for latents stored as `dims` ("BCHW", "BCFHW" or "BFCHW")."""
+
+    def layout(denoiser: torch.nn.Module, bound: dict) -> TokenLayout:
+        shape = dict(zip(dims, bound[hidden_arg].shape))
+        grid = latent_grid(denoiser.config, shape.get("F", 1), shape["H"], shape["W"])
+        text = bound.get(text_arg)
+        n_text = text.shape[1] if isinstance(text, torch.Tensor) and text_position != "none" else 0
+        return TokenLayout(grid, n_text, text_position if n_text else "none")
+
+    return layout

@@ -1,0 +1,27 @@
+"""CogVideoXTransformer3DModel: blocks with full attention over [text, video] tokens."""
+
+from ..context import UNCOND
+from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+
+
+def _grid(cfg, f, h, w):
+    return patch_grid(f, h, w, cfg.patch_size_t or 1, cfg.patch_size, cfg.patch_size)
+
+
+SPEC = register(FamilySpec(
+    name="cogvideox",
+    classes=("CogVideoXTransformer3DModel",),
+    # CogVideoXBlock returns (hidden_states, encoder_hidden_states).
+    block_lists=(BlockList("transformer_blocks", "joint", IOPattern(hidden_index=0, encoder_index=1)),),
+    layout=tensor_layout("BFCHW", _grid, "first"),
+    latent_grid=_grid,
+    streams=(
+        (r"\.norm[12]\.linear|^norm_out\.linear|^time_embedding", "global"),
+        (r"^patch_embed\.text_proj", "text"),
+        (r"^transformer_blocks\.", "joint"),
+    ),
+    pipelines={name: CfgLayout("batched", UNCOND) for name in
+               ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")},
+    text_tokens=226,
+    text_position="first",
+))

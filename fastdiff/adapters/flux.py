@@ -1,0 +1,44 @@
+"""FluxTransformer2DModel: double-stream blocks, then single-stream blocks over [text, image] tokens."""
+
+from ..context import COND, TokenLayout
+from .base import BlockList, CfgLayout, FamilySpec, IOPattern, register
+
+
+def _grid(cfg, f, h, w):
+    # The pipeline packs 2x2 latent patches into tokens before the transformer.
+    return (f, h // 2, w // 2)
+
+
+def _layout(denoiser, bound):
+    # Latents arrive packed (B, tokens, C); the grid is read from the image position ids (…, row, col).
+    ids = bound["img_ids"]
+    ids = ids[0] if ids.ndim == 3 else ids
+    grid = (1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+    if grid[1] * grid[2] != bound["hidden_states"].shape[1]:
+        grid = (1, 1, bound["hidden_states"].shape[1])  # ids do not describe a full grid: a flat sequence
+    text = bound.get("encoder_hidden_states")
+    n_text = 0 if text is None else text.shape[1]
+    return TokenLayout(grid, n_text, "first" if n_text else "none")
+
+
+SPEC = register(FamilySpec(
+    name="flux",
+    classes=("FluxTransformer2DModel",),
+    block_lists=(
+        BlockList("transformer_blocks", "double", IOPattern(hidden_index=1, encoder_index=0)),
+        BlockList("single_transformer_blocks", "single", IOPattern(hidden_index=1, encoder_index=0)),
+    ),
+    layout=_layout,
+    latent_grid=_grid,
+    streams=(
+        (r"norm1(_context)?\.linear|^norm_out\.linear|^time_text_embed|^single_transformer_blocks\.\d+\.norm\.",
+         "global"),
+        (r"^single_transformer_blocks\.", "joint"),
+        (r"^context_embedder|\.add_[qkv]_proj|\.to_add_out|\.ff_context\.", "text"),
+    ),
+    # True CFG (true_cfg_scale > 1 with a negative prompt) runs the positive branch first, then the negative.
+    pipelines={name: CfgLayout("separate", COND, flag=None) for name in
+               ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")},
+    text_tokens=512,
+    text_position="first",
+))

@@ -1,0 +1,31 @@
+"""HunyuanVideoTransformer3DModel: double-stream then single-stream blocks over [video, text] tokens."""
+
+from ..context import COND
+from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+
+
+def _grid(cfg, f, h, w):
+    return patch_grid(f, h, w, cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
+
+
+SPEC = register(FamilySpec(
+    name="hunyuan",
+    classes=("HunyuanVideoTransformer3DModel",),
+    # Both block kinds return (hidden_states, encoder_hidden_states).
+    block_lists=(
+        BlockList("transformer_blocks", "double", IOPattern(hidden_index=0, encoder_index=1)),
+        BlockList("single_transformer_blocks", "single", IOPattern(hidden_index=0, encoder_index=1)),
+    ),
+    layout=tensor_layout("BCFHW", _grid, "last"),
+    latent_grid=_grid,
+    streams=(
+        (r"norm1(_context)?\.linear|^norm_out\.linear|^time_text_embed|^context_embedder\.time_text_embed|"
+         r"\.norm_out\.linear|^single_transformer_blocks\.\d+\.norm\.", "global"),
+        (r"^single_transformer_blocks\.", "joint"),
+        (r"^context_embedder\.|\.add_[qkv]_proj|\.to_add_out|\.ff_context\.", "text"),
+    ),
+    # With true CFG the pipeline runs the positive prompt first, then the negative one.
+    pipelines={"HunyuanVideoPipeline": CfgLayout("separate", COND, flag=None)},
+    text_tokens=256,
+    text_position="last",
+))

@@ -1,0 +1,47 @@
+"""UNet2DConditionModel (SD1.x/2.x, SDXL): down, mid and up blocks on resolution levels."""
+
+import re
+
+from ..context import UNCOND
+from .base import BlockList, CfgLayout, FamilySpec, IOPattern, register, tensor_layout
+
+
+def _grid(cfg, f, h, w):
+    return (f, h, w)
+
+
+def _level(path, unet):
+    """Resolution level (0 = latent grid) at which the layer at `path` produces its output."""
+    deepest = len(unet.down_blocks) - 1
+    if path.startswith("mid_block"):
+        return deepest
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(\w+)", path)
+    if m is None:
+        return 0
+    side, i, part = m.group(1), int(m.group(2)), m.group(3)
+    if side == "down":
+        return i + 1 if part == "downsamplers" else i
+    level = deepest - i
+    return level - 1 if part == "upsamplers" else level
+
+
+# Down blocks return (hidden_states, residual tuple); mid and up blocks return hidden_states.
+SPEC = register(FamilySpec(
+    name="unet",
+    classes=("UNet2DConditionModel",),
+    block_lists=(
+        BlockList("down_blocks", "down", IOPattern(hidden_index=0, encoder_arg=None)),
+        BlockList("mid_block", "mid", IOPattern(encoder_arg=None)),
+        BlockList("up_blocks", "up", IOPattern(encoder_arg=None)),
+    ),
+    hidden_arg="sample",
+    layout=tensor_layout("BCHW", _grid, "cross", hidden_arg="sample"),
+    latent_grid=_grid,
+    streams=((r"^time_embedding|^add_embedding|\.time_emb_proj", "global"), (r"attn2\.to_(k|v)\b", "text")),
+    level=_level,
+    pipelines={name: CfgLayout("batched", UNCOND) for name in (
+        "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")},
+    text_tokens=77,
+    text_position="cross",
+))

@@ -1,0 +1,104 @@
+"""The step clock: one hook on the denoiser's forward turns a stream of calls into (run, step, call).
+
+Signals, strongest first:
+- the pipeline's scheduler (when fastdiff was applied to a pipeline): `set_timesteps` starts a run and
+  `step` ends a denoising step — exact for every sampler, second-order ones included;
+- otherwise the timestep itself: a larger timestep than the last one, or a new latent shape for the same
+  call slot, starts a run; a repeated timestep is another call (CFG branch) of the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .context import StepContext, TokenLayout
+
+
+@dataclass
+class CallRecord:
+    """What one denoiser call was, and (filled by telemetry) which blocks ran with how many tokens."""
+
+    ctx: StepContext
+    blocks: dict[int, int] = field(default_factory=dict)
+
+
+def _timestep(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    if hasattr(value, "reshape"):
+        return float(value.reshape(-1)[0])  # one host sync per call, never per block
+    return float(value)
+
+
+class StepClock:
+    def __init__(self, scheduler: Any = None):
+        self.scheduler = scheduler
+        self.run = -1
+        self._pending_run = False  # set_timesteps / reset seen since the last call
+        self._from_scheduler = False  # ... and it came from set_timesteps
+        self._scheduler_run = False  # this run is driven by scheduler.step
+        self._last_t: float | None = None
+        self._step_t: float | None = None
+        self.step = 0
+        self.call = 0
+        self._calls_since_step = 0
+        self._shapes: dict[int, tuple] = {}
+        self.num_steps: int | None = None
+
+    # -- signals ------------------------------------------------------------------------------------
+    def on_set_timesteps(self) -> None:
+        self._pending_run = True
+        self._from_scheduler = True
+
+    def on_scheduler_step(self) -> None:
+        if self._scheduler_run:
+            self.step += 1
+            self._calls_since_step = 0
+
+    def reset(self) -> None:
+        self._pending_run = True
+        self._from_scheduler = False
+
+    # -- a denoiser call ----------------------------------------------------------------------------
+    def tick(self, timestep: Any, shape: tuple, layout: TokenLayout | None) -> tuple[StepContext, bool]:
+        """The context of this call (branches left empty for the caller), and whether it opened a new run."""
+        t = _timestep(timestep)
+        new_run = self._pending_run or self._last_t is None or (not self._scheduler_run and t > self._last_t)
+        if not new_run:
+            # a different latent shape where this call slot had another one: a new run
+            slot = self._calls_since_step if self._scheduler_run else (self.call + 1 if t == self._step_t else 0)
+            new_run = slot in self._shapes and self._shapes[slot] != shape
+        if new_run:
+            self.run += 1
+            self._scheduler_run = self._pending_run and self._from_scheduler
+            self._pending_run = False
+            self._from_scheduler = False
+            self.step, self.call, self._calls_since_step = 0, 0, 0
+            self._shapes = {}
+            self.num_steps = self._scheduler_steps(t) if self._scheduler_run else None
+        elif self._scheduler_run:
+            self.call = self._calls_since_step
+        elif t == self._step_t:
+            self.call += 1
+        else:
+            self.step, self.call = self.step + 1, 0
+        self._calls_since_step += 1
+        self._shapes.setdefault(self.call, shape)
+        self._last_t = t
+        self._step_t = t
+        ctx = StepContext(self.run, self.step, self.num_steps, t, self.call, (), layout)
+        return ctx, new_run
+
+    def _scheduler_steps(self, t: float) -> int | None:
+        """Denoiser steps left in this run: from the scheduler's timesteps, starting where this call's
+        timestep stands (img2img pipelines start part-way)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        values = [float(v) for v in timesteps]
+        for scale in (1.0, 1000.0):  # some pipelines pass t / 1000 (Flux)
+            for i, v in enumerate(values):
+                if abs(v - t * scale) <= 1e-3 * max(1.0, abs(v)):
+                    return len(values) - i
+        return len(values) - int(getattr(self.scheduler, "begin_index", None) or 0)

@@ -1,0 +1,20 @@
+"""Config section -> mechanism class. The order of SECTIONS is the attach order (innermost first)."""
+
+from __future__ import annotations
+
+from ..config import SECTIONS, FastDiffConfig
+from .base import Mechanism
+from .telemetry import Telemetry
+
+MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry}
+assert set(MECHANISMS) == set(SECTIONS), "every config section needs its mechanism"
+
+
+def build(config: FastDiffConfig) -> list[Mechanism]:
+    out = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        if section is None or (name == "telemetry" and not section.enabled):
+            continue
+        out.append(MECHANISMS[name](section))
+    return out

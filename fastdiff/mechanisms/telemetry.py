@@ -1,0 +1,36 @@
+"""Telemetry: the first tenant of the Mechanism interface. Records which blocks ran in each call and
+how many tokens each saw; `summary()` is built from it. It changes no output."""
+
+from __future__ import annotations
+
+from ..config import TelemetryConfig
+from .base import Mechanism
+
+
+class Telemetry(Mechanism):
+    name = "telemetry"
+
+    def __init__(self, config: TelemetryConfig):
+        super().__init__(config)
+
+    def estimate_cost(self, table):
+        return table
+
+    def attach(self, adapter, session):
+        self.session = session
+        for block in adapter.blocks:
+            session.hooks.wrap(block.module, f"fastdiff.telemetry.{block.path}", self._recorder(block))
+
+    def _recorder(self, block):
+        arg = block.io.hidden_arg
+
+        def record(inner, args, kwargs):
+            call = self.session.current_record
+            if call is not None:
+                hidden = kwargs.get(arg, args[0] if args else None)
+                # tokens seen: sequence length for (B, N, C) inputs, spatial size for (B, C, H, W) UNet maps
+                n = hidden.shape[1] if hidden.ndim == 3 else hidden[0, 0].numel() if hidden.ndim >= 4 else 0
+                call.blocks[block.index] = int(n)
+            return inner(*args, **kwargs)
+
+        return record

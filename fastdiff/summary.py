@@ -1,0 +1,115 @@
+"""Summary of the last sampling run: per step and per block decisions, tokens, estimated FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+@dataclass
+class StepRow:
+    step: int
+    timestep: float
+    calls: int
+    branches: list[str]
+    image_tokens: int | None
+    text_tokens: int | None
+    blocks_computed: int | None  # summed over the calls of the step; None without telemetry
+    blocks_total: int
+    flops: float | None
+    dense_flops: float | None
+
+
+@dataclass
+class Summary:
+    family: str
+    model: str
+    config: str
+    run: int
+    steps: int
+    num_steps: int | None
+    calls: int
+    per_step: list[StepRow] = field(default_factory=list)
+    per_block: dict[str, int] = field(default_factory=dict)  # block path -> calls in which it ran
+    flops: float | None = None
+    dense_flops: float | None = None
+
+    @property
+    def estimated_speedup(self) -> float | None:
+        if not self.flops or self.dense_flops is None:
+            return None
+        return self.dense_flops / self.flops
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "estimated_speedup": self.estimated_speedup}
+
+    @classmethod
+    def build(cls, session: "Session") -> "Summary":
+        records = session.records
+        blocks = session.adapter.blocks
+        tracked = session.config.telemetry is not None and session.config.telemetry.enabled
+        have_layout = session.adapter.spec.layout is not None
+        cost = session.cost_model if have_layout else None
+        rows: dict[int, StepRow] = {}
+        per_block = {b.path: 0 for b in blocks}
+        total = dense_total = 0.0
+        for rec in records:
+            ctx = rec.ctx
+            dense = flops = None
+            if cost is not None:
+                per = cost.block_flops(ctx.layout)
+                dense = ctx.batch_size * sum(per)
+                ran = rec.blocks.keys() if tracked else range(len(blocks))
+                flops = ctx.batch_size * (per[-1] + sum(per[i] for i in ran))
+                total += flops
+                dense_total += dense
+            for i in rec.blocks:
+                per_block[blocks[i].path] += 1
+            row = rows.get(ctx.step)
+            if row is None:
+                row = rows[ctx.step] = StepRow(ctx.step, ctx.timestep, 0, [], None, None, 0 if tracked else None,
+                                               0, 0.0 if cost else None, 0.0 if cost else None)
+                if ctx.layout is not None:
+                    row.image_tokens, row.text_tokens = ctx.layout.image_tokens, ctx.layout.text_tokens
+            row.calls += 1
+            row.branches.append("/".join(sorted(set(ctx.branches))))
+            row.blocks_total += len(blocks)
+            if tracked:
+                row.blocks_computed += len(rec.blocks)
+            if cost is not None:
+                row.flops += flops
+                row.dense_flops += dense
+        last = records[-1].ctx if records else None
+        return cls(
+            family=session.adapter.name,
+            model=type(session.denoiser).__name__,
+            config=session.strify(),
+            run=last.run if last else -1,
+            steps=len(rows),
+            num_steps=last.num_steps if last else None,
+            calls=len(records),
+            per_step=[rows[k] for k in sorted(rows)],
+            per_block=per_block if tracked else {},
+            flops=total if cost is not None and records else None,
+            dense_flops=dense_total if cost is not None and records else None,
+        )
+
+    def __str__(self) -> str:
+        head = (f"fastdiff summary: {self.model} ({self.family}), config {self.config}, run {self.run}: "
+                f"{self.steps} steps, {self.calls} denoiser calls")
+        lines = [head, f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} {'blocks':>9} "
+                       f"{'GFLOPs':>10} {'dense':>10}"]
+        for r in self.per_step:
+            tok = "-" if r.image_tokens is None else f"{r.image_tokens}+{r.text_tokens}"
+            blk = "-" if r.blocks_computed is None else f"{r.blocks_computed}/{r.blocks_total}"
+            gf = "-" if r.flops is None else f"{r.flops / 1e9:.3f}"
+            gd = "-" if r.dense_flops is None else f"{r.dense_flops / 1e9:.3f}"
+            lines.append(f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} {','.join(r.branches):<16} {tok:>11} "
+                         f"{blk:>9} {gf:>10} {gd:>10}")
+        if self.estimated_speedup is not None:
+            lines.append(f"estimated FLOPs {self.flops / 1e9:.3f} G vs dense {self.dense_flops / 1e9:.3f} G "
+                         f"-> {self.estimated_speedup:.2f}x")
+        return "\n".join(lines)
