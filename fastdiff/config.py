@@ -46,8 +46,36 @@ class TelemetryConfig:
         return ""
 
 
+@dataclass
+class CacheConfig:
+    """Block caching across denoising steps (static interval: FORA for DiTs, DeepCache-style for UNets).
+
+    Args:
+        policy: "static" — compute every `interval`-th step, reuse cached block results in between.
+        interval: steps between two computed steps; 1 never reuses (bit-identical to no caching).
+        warmup: first steps that are always computed (the layout of the image is decided there).
+        cooldown: last steps that are always computed (fine detail); needs the scheduler's step count.
+    """
+
+    policy: str = "static"
+    interval: int = 2
+    warmup: int = 1
+    cooldown: int = 0
+
+    def validate(self) -> None:
+        _require(self.policy in CACHE_POLICIES, f"cache.policy must be one of {CACHE_POLICIES}, got {self.policy!r}")
+        _require(1 <= self.interval <= 100, f"cache.interval must be in [1, 100], got {self.interval}")
+        _require(self.warmup >= 0, f"cache.warmup must be >= 0, got {self.warmup}")
+        _require(self.cooldown >= 0, f"cache.cooldown must be >= 0, got {self.cooldown}")
+
+    def strify(self) -> str:
+        return f"cache[{self.policy},i{self.interval},w{self.warmup},c{self.cooldown}]"
+
+
+CACHE_POLICIES = ("static",)
+
 # Sections in the order mechanisms attach (innermost first). Mechanism issues add their section here.
-SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig}
+SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "cache": CacheConfig}
 
 
 @dataclass
@@ -56,9 +84,11 @@ class FastDiffConfig:
 
     Args:
         telemetry: per-call bookkeeping behind `summary()`; costs a few Python operations per block.
+        cache: block caching across steps; None = off.
     """
 
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    cache: CacheConfig | None = None
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> "FastDiffConfig":

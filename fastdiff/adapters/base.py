@@ -40,11 +40,16 @@ class IOPattern:
 
 @dataclass(frozen=True)
 class BlockList:
-    """A ModuleList of blocks on the denoiser: its attribute path, kind and I/O pattern."""
+    """A ModuleList of blocks on the denoiser: its attribute path, kind and I/O pattern.
+
+    `reuse` says how a cache may stand in for a block: "residual" (output = input + cached delta, for
+    transformer blocks) or "output" (the cached output as it was, for UNet blocks with skip outputs).
+    """
 
     path: str
     kind: str
     io: IOPattern = IOPattern()
+    reuse: str = "residual"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class FamilySpec:
         text_tokens: typical number of text tokens, the default for `fastdiff.estimate`.
         text_position: where text tokens sit in attention (see TokenLayout).
         reruns: paths of modules the denoiser runs once more outside their block (cost model).
+        always_compute: blocks -> indices a step-cache must never skip (a UNet's shallow path).
     """
 
     name: str
@@ -98,6 +104,7 @@ class FamilySpec:
     text_tokens: int = 0
     text_position: str = "none"
     reruns: tuple[str, ...] = ()
+    always_compute: Callable[[list], set[int]] | None = None
 
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:
@@ -115,6 +122,7 @@ class Block:
     kind: str
     io: IOPattern
     module: torch.nn.Module
+    reuse: str = "residual"
 
 
 class BlockAdapter:
@@ -132,7 +140,7 @@ class BlockAdapter:
             prefix = bl.path if isinstance(mlist, torch.nn.ModuleList) else None
             for i, module in enumerate(members):
                 path = f"{prefix}.{i}" if prefix else bl.path
-                self.blocks.append(Block(path, len(self.blocks), bl.kind, bl.io, module))
+                self.blocks.append(Block(path, len(self.blocks), bl.kind, bl.io, module, bl.reuse))
         if not self.blocks:
             raise UnsupportedModelError(
                 f"{type(denoiser).__name__}: adapter '{spec.name}' found none of its block lists "
@@ -242,7 +250,8 @@ def _auto_spec(denoiser: torch.nn.Module) -> FamilySpec | None:
         if isinstance(module, torch.nn.ModuleList) and len(module) == 0:
             continue
         first = module[0] if isinstance(module, torch.nn.ModuleList) else module
-        lists.append(BlockList(path, "auto", _diffusers_io(type(first))))
+        io = _diffusers_io(type(first))
+        lists.append(BlockList(path, "auto", io, reuse="residual" if io.encoder_arg else "output"))
     if not lists:
         return None
     return FamilySpec(name="auto", classes=(), block_lists=tuple(lists), layout=None, latent_grid=None,

@@ -25,15 +25,23 @@ def _level(path, unet):
     return level - 1 if part == "upsamplers" else level
 
 
+def _shallow(blocks):
+    """DeepCache: the outermost down block and up block always run; everything deeper may be reused."""
+    downs = [b.index for b in blocks if b.kind == "down"]
+    ups = [b.index for b in blocks if b.kind == "up"]
+    return {downs[0], ups[-1]}
+
+
 # Down blocks return (hidden_states, residual tuple); mid and up blocks return hidden_states.
 SPEC = register(FamilySpec(
     name="unet",
     classes=("UNet2DConditionModel",),
     block_lists=(
-        BlockList("down_blocks", "down", IOPattern(hidden_index=0, encoder_arg=None)),
-        BlockList("mid_block", "mid", IOPattern(encoder_arg=None)),
-        BlockList("up_blocks", "up", IOPattern(encoder_arg=None)),
+        BlockList("down_blocks", "down", IOPattern(hidden_index=0, encoder_arg=None), reuse="output"),
+        BlockList("mid_block", "mid", IOPattern(encoder_arg=None), reuse="output"),
+        BlockList("up_blocks", "up", IOPattern(encoder_arg=None), reuse="output"),
     ),
+    always_compute=_shallow,
     hidden_arg="sample",
     layout=tensor_layout("BCHW", _grid, "cross", hidden_arg="sample"),
     latent_grid=_grid,

@@ -32,7 +32,10 @@ def find_parts(obj: Any) -> tuple[Any, torch.nn.Module, Any]:
 
 def latent_dims(pipeline: Any, height: int, width: int, num_frames: int | None) -> tuple[int, int, int]:
     """Latent (frames, height, width) the pipeline would denoise for an output of this size."""
-    spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None) or 8
+    spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
+    if spatial is None:  # e.g. DiTPipeline keeps no scale factor: read it off the VAE like the others do
+        channels = getattr(getattr(getattr(pipeline, "vae", None), "config", None), "block_out_channels", None)
+        spatial = 2 ** (len(channels) - 1) if channels else 8
     temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 1
     frames = 1 if not num_frames else (num_frames - 1) // temporal + 1
     return frames, height // spatial, width // spatial
