@@ -1,0 +1,264 @@
+"""FastDiffConfig and load_config: round trips (dict, YAML), every accepted input form, every rejected one
+(always as ConfigError), a fuzz of the validator, and apply() refusing bad config without touching the model."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastdiff
+from fastdiff import ConfigError, FastDiffConfig, TelemetryConfig, load_config, tiny
+from fastdiff.config import SECTIONS
+
+ATTR = "_fastdiff_session"
+
+
+def _configs():
+    """Configs that differ from each other (and, but for the first, from the default)."""
+    return [
+        FastDiffConfig(),
+        FastDiffConfig(telemetry=TelemetryConfig(enabled=False)),
+        FastDiffConfig(telemetry=None),
+    ]
+
+
+# -- round trips ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", range(len(_configs())))
+def test_yaml_round_trip(tmp_path, index):
+    cfg = _configs()[index]
+    path = tmp_path / "cfg.yaml"
+    text = cfg.to_yaml(path)
+    assert path.read_text() == text == cfg.to_yaml()
+    back = FastDiffConfig.from_yaml(path)
+    assert back == cfg
+    assert back is not cfg
+    assert FastDiffConfig.from_yaml(str(path)) == cfg
+    # the round trip reproduces *this* config, not merely the defaults
+    others = [c for i, c in enumerate(_configs()) if i != index]
+    assert all(back != other for other in others)
+
+
+@pytest.mark.parametrize("index", range(len(_configs())))
+def test_dict_round_trip(index):
+    cfg = _configs()[index]
+    data = cfg.to_dict()
+    assert set(data) == set(SECTIONS)
+    back = FastDiffConfig.from_dict(data)
+    assert back == cfg
+    assert back.to_dict() == data
+    others = [c for i, c in enumerate(_configs()) if i != index]
+    assert all(back != other for other in others)
+
+
+def test_from_dict_of_nothing_is_the_default():
+    assert FastDiffConfig.from_dict({}) == FastDiffConfig()
+    assert FastDiffConfig.from_dict(None) == FastDiffConfig()
+
+
+def test_strify_of_default_is_baseline_and_stable(tmp_path):
+    cfg = FastDiffConfig()
+    assert cfg.strify() == "baseline"
+    assert cfg.strify() == cfg.strify()  # no hidden state (ids, counters, time) in the name
+    assert FastDiffConfig().strify() == "baseline"
+    assert FastDiffConfig.from_dict(cfg.to_dict()).strify() == "baseline"
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert FastDiffConfig.from_yaml(tmp_path / "c.yaml").strify() == "baseline"
+    assert load_config(preset="none").strify() == "baseline"
+    assert load_config().strify() == "baseline"
+    # telemetry is bookkeeping, not acceleration: it never changes the name
+    assert FastDiffConfig(telemetry=TelemetryConfig(enabled=False)).strify() == "baseline"
+    assert FastDiffConfig(telemetry=None).strify() == "baseline"
+
+
+# -- load_config: accepted inputs --------------------------------------------------------------------
+def test_load_config_none_is_default():
+    cfg = load_config(None)
+    assert cfg == FastDiffConfig() == load_config()
+    assert cfg.telemetry.enabled is True
+
+
+def test_load_config_dataclass_is_a_validated_copy():
+    mine = FastDiffConfig(telemetry=TelemetryConfig(enabled=False))
+    cfg = load_config(mine)
+    assert cfg == mine
+    assert cfg is not mine and cfg.telemetry is not mine.telemetry
+    mine.telemetry.enabled = True  # a later edit of the caller's object does not leak in
+    assert cfg.telemetry.enabled is False
+
+
+def test_load_config_dataclass_is_validated():
+    with pytest.raises(ConfigError, match="telemetry.enabled"):
+        load_config(FastDiffConfig(telemetry=TelemetryConfig(enabled="no")))
+
+
+def test_load_config_dict():
+    cfg = load_config({"telemetry": {"enabled": False}})
+    assert cfg.telemetry == TelemetryConfig(enabled=False)
+    assert load_config({"telemetry": None}).telemetry is None
+    assert load_config({}) == FastDiffConfig()
+
+
+def test_load_config_preset():
+    assert "none" in fastdiff.presets()
+    by_position = load_config("none")
+    by_keyword = load_config(preset="none")
+    assert by_position == by_keyword
+    assert by_keyword.telemetry.enabled is True
+    assert by_keyword.strify() == "baseline"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_load_config_yaml_path(tmp_path, suffix):
+    path = tmp_path / f"mine{suffix}"
+    path.write_text("telemetry:\n  enabled: false\n")
+    for given_path in (path, str(path)):
+        assert load_config(given_path) == FastDiffConfig(telemetry=TelemetryConfig(enabled=False))
+
+
+def test_overrides_merge_into_sections(tmp_path):
+    assert load_config(telemetry={"enabled": False}).telemetry.enabled is False
+    assert load_config(preset="none", telemetry={"enabled": False}).telemetry.enabled is False
+    assert load_config("none", telemetry={"enabled": False}).telemetry.enabled is False
+    assert load_config({"telemetry": {"enabled": False}}, telemetry={"enabled": True}).telemetry.enabled is True
+    path = tmp_path / "c.yaml"
+    FastDiffConfig().to_yaml(path)
+    assert load_config(path, telemetry={"enabled": False}).telemetry.enabled is False
+    # merged, not replaced: an empty section override keeps what the config said (replacing would give the default)
+    assert load_config({"telemetry": {"enabled": False}}, telemetry={}).telemetry.enabled is False
+    # whole-section overrides: a dataclass or None
+    assert load_config(telemetry=TelemetryConfig(enabled=False)).telemetry.enabled is False
+    assert load_config(telemetry=None).telemetry is None
+    # overriding does not modify the caller's config
+    mine = FastDiffConfig()
+    assert load_config(mine, telemetry={"enabled": False}).telemetry.enabled is False
+    assert mine.telemetry.enabled is True
+
+
+# -- load_config: rejected inputs --------------------------------------------------------------------
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD = {
+    "unknown preset (positional)": (lambda tmp: load_config("no-such-preset"), "no-such-preset"),
+    "unknown preset (keyword)": (lambda tmp: load_config(preset="no-such-preset"), "no-such-preset"),
+    "unknown top-level key": (lambda tmp: load_config({"telemetri": {}}), "telemetri"),
+    "unknown top-level override": (lambda tmp: load_config(telemetri={}), "telemetri"),
+    "unknown key in section": (lambda tmp: load_config({"telemetry": {"enable": True}}), "enable"),
+    "unknown key in section override": (lambda tmp: load_config(telemetry={"enable": True}), "enable"),
+    "enabled is a string": (lambda tmp: load_config({"telemetry": {"enabled": "yes"}}), "telemetry.enabled"),
+    "enabled is 1": (lambda tmp: load_config({"telemetry": {"enabled": 1}}), "telemetry.enabled"),
+    "enabled is 0 (override)": (lambda tmp: load_config(telemetry={"enabled": 0}), "telemetry.enabled"),
+    "enabled is a float": (lambda tmp: load_config({"telemetry": {"enabled": 1.0}}), "telemetry.enabled"),
+    "enabled is None": (lambda tmp: load_config({"telemetry": {"enabled": None}}), "telemetry.enabled"),
+    "enabled is a list": (lambda tmp: load_config({"telemetry": {"enabled": [True]}}), "telemetry.enabled"),
+    "section is a bool": (lambda tmp: load_config({"telemetry": True}), "telemetry"),
+    "section is a string (override)": (lambda tmp: load_config(telemetry="on"), "telemetry"),
+    "section is a list": (lambda tmp: load_config({"telemetry": [{"enabled": True}]}), "telemetry"),
+    "config of a wrong type": (lambda tmp: load_config(42), "int"),
+    "yaml top level is a list": (
+        lambda tmp: load_config(_write(tmp, "list.yaml", "- telemetry\n- cache\n")), "mapping"),
+    "yaml value of a wrong type": (
+        lambda tmp: load_config(_write(tmp, "bad.yaml", "telemetry:\n  enabled: 'yes'\n")), "telemetry.enabled"),
+    "yaml unknown key": (
+        lambda tmp: load_config(_write(tmp, "unk.yaml", "telemetry:\n  enabld: true\n")), "enabld"),
+    "missing yaml file (str)": (lambda tmp: load_config(str(tmp / "missing.yaml")), "not found"),
+    "missing yaml file (Path)": (lambda tmp: load_config(tmp / "missing.yml"), "not found"),
+    "missing file via from_yaml": (lambda tmp: FastDiffConfig.from_yaml(tmp / "missing.yaml"), "not found"),
+    "a directory as the yaml path": (lambda tmp: FastDiffConfig.from_yaml(tmp), "not found"),
+    "both config and preset (dict)": (lambda tmp: load_config({}, preset="none"), "preset"),
+    "both config and preset (dataclass)": (lambda tmp: load_config(FastDiffConfig(), preset="none"), "preset"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_config_error(tmp_path, case):
+    fn, message = BAD[case]
+    with pytest.raises(ConfigError, match=message) as info:
+        fn(tmp_path)
+    assert isinstance(info.value, fastdiff.FastDiffError) and isinstance(info.value, ValueError)
+
+
+# -- fuzz ----------------------------------------------------------------------------------------------
+VALID_NAMES = sorted(set(SECTIONS) | {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)})
+KEYS = st.one_of(st.sampled_from(VALID_NAMES), st.text(max_size=10))
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10))
+VALUES = st.recursive(
+    LEAVES, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(KEYS, children, max_size=3)),
+    max_leaves=8,
+)
+# Dicts shaped like a config (section names -> dicts of field names), so the fuzz reaches the per-field
+# checks often, not only the unknown-key check.
+SECTION_BODIES = st.one_of(VALUES, st.dictionaries(KEYS, VALUES, max_size=4))
+CONFIG_SHAPED = st.dictionaries(st.sampled_from(sorted(SECTIONS)), SECTION_BODIES, max_size=len(SECTIONS))
+CONFIG_DICTS = st.one_of(st.dictionaries(KEYS, VALUES, max_size=4), CONFIG_SHAPED)
+
+
+def test_validator_fuzz_only_raises_config_error():
+    outcomes = {"ok": 0, "ConfigError": 0}
+
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(CONFIG_DICTS)
+    def check(data):
+        try:
+            cfg = FastDiffConfig.from_dict(data)
+        except ConfigError:
+            outcomes["ConfigError"] += 1
+            return
+        outcomes["ok"] += 1
+        assert isinstance(cfg, FastDiffConfig)
+        assert cfg.validate() is cfg
+        for name, cls in SECTIONS.items():
+            section = getattr(cfg, name)
+            assert section is None or isinstance(section, cls)
+        # what was accepted survives its own round trip (repr: NaN-safe comparison)
+        assert repr(FastDiffConfig.from_dict(cfg.to_dict())) == repr(cfg)
+
+    check()
+    # the fuzz exercised both sides of the validator
+    assert outcomes["ok"] > 0 and outcomes["ConfigError"] > 0, outcomes
+
+
+# -- apply refuses bad config before touching the model ------------------------------------------------
+def test_config_error_in_apply_leaves_pipeline_untouched(snapshot, tmp_path):
+    pipe = tiny.build_pipeline("dit")
+    denoiser = pipe.transformer
+
+    def run():
+        with torch.no_grad():
+            return tiny.output_tensor(pipe(**tiny.pipeline_kwargs("dit")))
+
+    base = run()
+    before = snapshot(denoiser, pipe.scheduler)
+    bad_calls = [
+        dict(preset="no-such-preset"),
+        dict(config="no-such-preset"),
+        dict(config={"telemetry": {"enabled": "yes"}}),
+        dict(telemetry={"enabled": 1}),
+        dict(config={"telemetri": {}}),
+        dict(config={"telemetry": {"enable": True}}),
+        dict(config={}, preset="none"),
+        dict(config=str(tmp_path / "missing.yaml")),
+        dict(config=_write(tmp_path, "list.yaml", "- 1\n")),
+    ]
+    for kwargs in bad_calls:
+        with pytest.raises(ConfigError):
+            fastdiff.apply(pipe, **kwargs)
+        assert ATTR not in vars(denoiser) and not hasattr(denoiser, ATTR), kwargs
+        assert fastdiff.session_of(pipe) is None
+    assert snapshot(denoiser, pipe.scheduler) == before
+    assert torch.equal(run(), base)
+    # nothing half-applied is left that would block a later, valid apply
+    handle = fastdiff.apply(pipe)
+    try:
+        assert hasattr(denoiser, ATTR)
+        assert torch.equal(run(), base)
+        assert handle.summary().calls == 3
+    finally:
+        fastdiff.remove(pipe)
+    assert not hasattr(denoiser, ATTR)
