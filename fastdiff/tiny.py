@@ -17,6 +17,7 @@ Text encoders / tokenizers are never built: pipelines get seeded
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -412,6 +413,12 @@ def build_scheduler(family: str):
 # --------------------------------------------------------------------------------------
 
 
+_PIPELINE_OPTIONS = {
+    "sd15": dict(requires_safety_checker=False),
+    "sdxl": dict(force_zeros_for_empty_prompt=True, add_watermarker=False),
+}
+
+
 def build_pipeline(family: str, seed: int = 0):
     """The real diffusers pipeline of ``family`` around ``build_denoiser(family, seed)``,
     a tiny VAE and the family's real scheduler.  Text encoders / tokenizers are None,
@@ -446,84 +453,13 @@ def build_pipeline(family: str, seed: int = 0):
     vae = build_vae(family, seed)
     scheduler = build_scheduler(family)
 
-    if family == "dit":
-        pipe = cls(transformer=denoiser, vae=vae, scheduler=scheduler)
-    elif family in ("pixart", "cogvideox"):
-        pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=denoiser, scheduler=scheduler)
-    elif family == "sd3":
-        pipe = cls(
-            transformer=denoiser,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            text_encoder_3=None,
-            tokenizer_3=None,
-            image_encoder=None,
-            feature_extractor=None,
-        )
-    elif family == "flux":
-        pipe = cls(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=denoiser,
-            image_encoder=None,
-            feature_extractor=None,
-        )
-    elif family == "sd15":
-        pipe = cls(
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
-    elif family == "sdxl":
-        pipe = cls(
-            vae=vae,
-            text_encoder=None,
-            text_encoder_2=None,
-            tokenizer=None,
-            tokenizer_2=None,
-            unet=denoiser,
-            scheduler=scheduler,
-            image_encoder=None,
-            feature_extractor=None,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    elif family == "wan":
-        pipe = cls(
-            tokenizer=None,
-            text_encoder=None,
-            vae=vae,
-            scheduler=scheduler,
-            transformer=denoiser,
-            transformer_2=None,
-        )
-    elif family == "hunyuan":
-        pipe = cls(
-            text_encoder=None,
-            tokenizer=None,
-            transformer=denoiser,
-            vae=vae,
-            scheduler=scheduler,
-            text_encoder_2=None,
-            tokenizer_2=None,
-        )
-    else:  # pragma: no cover
-        raise AssertionError(family)
-
+    # The components we build; every other required one (text encoders, tokenizers, safety checker,
+    # image encoders) is passed as None: the pipelines are driven with seeded prompt embeddings.
+    kwargs = {name: None for name, p in inspect.signature(cls.__init__).parameters.items()
+              if name != "self" and p.default is inspect.Parameter.empty}
+    kwargs.update(vae=vae, scheduler=scheduler, **{"unet" if family in ("sd15", "sdxl") else "transformer": denoiser})
+    kwargs.update(_PIPELINE_OPTIONS.get(family, {}))
+    pipe = cls(**kwargs)
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
