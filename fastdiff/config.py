@@ -17,9 +17,11 @@ from typing import Any
 from .errors import ConfigError
 
 
-def _check_fields(cls, data: dict, where: str) -> None:
+def _check_fields(cls, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=repr)  # YAML keys may be ints: never compare mixed types
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
 
@@ -90,6 +92,14 @@ class FastDiffConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     cache: CacheConfig | None = None
 
+    def __post_init__(self):
+        # FastDiffConfig(cache={"interval": 3}) is as good as FastDiffConfig(cache=CacheConfig(interval=3))
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                _check_fields(cls, value, f"config section '{name}'")
+                setattr(self, name, cls(**value))
+
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> "FastDiffConfig":
         for name, cls in SECTIONS.items():
@@ -98,7 +108,7 @@ class FastDiffConfig:
                 continue
             _require(
                 isinstance(section, cls),
-                f"config section '{name}' must be a {cls.__name__} or a dict, got {type(section).__name__}",
+                f"config section '{name}' must be a {cls.__name__}, a dict or None, got {type(section).__name__}",
             )
             for f in fields(section):
                 _check_type(cls, name, f, getattr(section, f.name))
@@ -112,7 +122,7 @@ class FastDiffConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "FastDiffConfig":
-        data = dict(data or {})
+        data = {} if data is None else data
         _check_fields(cls, data, "the fastdiff config")
         return cls().merged(data)
 
@@ -144,7 +154,10 @@ class FastDiffConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as err:  # YAML syntax or omegaconf interpolation errors
+            raise ConfigError(f"{path}: not a valid config file: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a fastdiff config must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -1,5 +1,6 @@
-"""FastDiffConfig and load_config: round trips (dict, YAML), every accepted input form, every rejected one
-(always as ConfigError), a fuzz of the validator, and apply() refusing bad config without touching the model."""
+"""FastDiffConfig and load_config: round trips (dict, YAML), every accepted input form, every rejected
+one (always as ConfigError), a fuzz of the validator, and apply() refusing bad config without touching
+the model."""
 
 import dataclasses
 from pathlib import Path
@@ -122,11 +123,13 @@ def test_overrides_merge_into_sections(tmp_path):
     assert load_config(telemetry={"enabled": False}).telemetry.enabled is False
     assert load_config(preset="none", telemetry={"enabled": False}).telemetry.enabled is False
     assert load_config("none", telemetry={"enabled": False}).telemetry.enabled is False
-    assert load_config({"telemetry": {"enabled": False}}, telemetry={"enabled": True}).telemetry.enabled is True
+    flipped = load_config({"telemetry": {"enabled": False}}, telemetry={"enabled": True})
+    assert flipped.telemetry.enabled is True
     path = tmp_path / "c.yaml"
     FastDiffConfig().to_yaml(path)
     assert load_config(path, telemetry={"enabled": False}).telemetry.enabled is False
-    # merged, not replaced: an empty section override keeps what the config said (replacing would give the default)
+    # merged, not replaced: an empty section override keeps what the config said
+    # (replacing the section would give the default, enabled=True)
     assert load_config({"telemetry": {"enabled": False}}, telemetry={}).telemetry.enabled is False
     # whole-section overrides: a dataclass or None
     assert load_config(telemetry=TelemetryConfig(enabled=False)).telemetry.enabled is False
@@ -164,7 +167,8 @@ BAD = {
     "yaml top level is a list": (
         lambda tmp: load_config(_write(tmp, "list.yaml", "- telemetry\n- cache\n")), "mapping"),
     "yaml value of a wrong type": (
-        lambda tmp: load_config(_write(tmp, "bad.yaml", "telemetry:\n  enabled: 'yes'\n")), "telemetry.enabled"),
+        lambda tmp: load_config(_write(tmp, "bad.yaml", "telemetry:\n  enabled: 'yes'\n")),
+        "telemetry.enabled"),
     "yaml unknown key": (
         lambda tmp: load_config(_write(tmp, "unk.yaml", "telemetry:\n  enabld: true\n")), "enabld"),
     "missing yaml file (str)": (lambda tmp: load_config(str(tmp / "missing.yaml")), "not found"),
@@ -172,7 +176,8 @@ BAD = {
     "missing file via from_yaml": (lambda tmp: FastDiffConfig.from_yaml(tmp / "missing.yaml"), "not found"),
     "a directory as the yaml path": (lambda tmp: FastDiffConfig.from_yaml(tmp), "not found"),
     "both config and preset (dict)": (lambda tmp: load_config({}, preset="none"), "preset"),
-    "both config and preset (dataclass)": (lambda tmp: load_config(FastDiffConfig(), preset="none"), "preset"),
+    "both config and preset (dataclass)": (
+        lambda tmp: load_config(FastDiffConfig(), preset="none"), "preset"),
 }
 
 
@@ -189,7 +194,8 @@ VALID_NAMES = sorted(set(SECTIONS) | {f.name for cls in SECTIONS.values() for f 
 KEYS = st.one_of(st.sampled_from(VALID_NAMES), st.text(max_size=10))
 LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10))
 VALUES = st.recursive(
-    LEAVES, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(KEYS, children, max_size=3)),
+    LEAVES,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(KEYS, children, max_size=3)),
     max_leaves=8,
 )
 # Dicts shaped like a config (section names -> dicts of field names), so the fuzz reaches the per-field
@@ -262,3 +268,24 @@ def test_config_error_in_apply_leaves_pipeline_untouched(snapshot, tmp_path):
     finally:
         fastdiff.remove(pipe)
     assert not hasattr(denoiser, ATTR)
+
+
+# -- regressions: every malformed input is a ConfigError, never another exception ----------------------
+@pytest.mark.parametrize("data", [{1: 0, "a": 0}, {"telemetry": {1: 0, "a": 0}}, "telemetry", [("telemetry", None)]])
+def test_malformed_mappings_raise_config_error(data):
+    with pytest.raises(ConfigError):
+        FastDiffConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("text", ["telemetry: [\n", "telemetry:\n\tenabled: true\n", "telemetry:\n  enabled: ${oops}\n",
+                                  "1: x\nfoo: y\n"])
+def test_malformed_yaml_raises_config_error(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(str(path))
+
+
+def test_dict_sections_in_the_dataclass_are_accepted():
+    cfg = load_config(FastDiffConfig(telemetry={"enabled": False}, cache={"interval": 3}))
+    assert cfg.telemetry.enabled is False and cfg.cache.interval == 3
