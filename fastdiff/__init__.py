@@ -25,7 +25,7 @@ from .session import ATTR, Session
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply", "remove", "reset", "accelerated", "estimate", "presets", "load_config", "supported",
+    "apply", "remove", "reset", "accelerated", "estimate", "presets", "load_config", "supported", "session_of",
     "FastDiffConfig", "TelemetryConfig", "CacheConfig", "Session", "StepContext", "TokenLayout", "Estimate",
     "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
