@@ -251,20 +251,22 @@ def _auto_spec(denoiser: torch.nn.Module) -> FamilySpec | None:
             continue
         first = module[0] if isinstance(module, torch.nn.ModuleList) else module
         io = _diffusers_io(type(first))
-        lists.append(BlockList(path, "auto", io, reuse="residual" if io.encoder_arg else "output"))
+        # a block whose I/O diffusers does not describe is opaque: a cache may only replay its whole output
+        lists.append(BlockList(path, "auto", io or IOPattern(encoder_arg=None), reuse="residual" if io else "output"))
     if not lists:
         return None
     return FamilySpec(name="auto", classes=(), block_lists=tuple(lists), layout=None, latent_grid=None,
                       hidden_arg=hidden_arg)
 
 
-def _diffusers_io(block_cls: type) -> IOPattern:
+def _diffusers_io(block_cls: type) -> IOPattern | None:
+    """The block's I/O from diffusers' own block registry; None when it is not registered there."""
     try:
         from diffusers.hooks._helpers import TransformerBlockRegistry
 
         meta = TransformerBlockRegistry.get(block_cls)
-    except Exception:  # not registered there (or an older diffusers): treat outputs as opaque
-        return IOPattern(encoder_arg=None)
+    except Exception:  # not registered there (or an older diffusers)
+        return None
     return IOPattern(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
                      meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
 

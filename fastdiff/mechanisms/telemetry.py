@@ -3,15 +3,11 @@ how many tokens each saw; `summary()` is built from it. It changes no output."""
 
 from __future__ import annotations
 
-from ..config import TelemetryConfig
 from .base import Mechanism
 
 
 class Telemetry(Mechanism):
     name = "telemetry"
-
-    def __init__(self, config: TelemetryConfig):
-        super().__init__(config)
 
     def estimate_cost(self, table):
         return table

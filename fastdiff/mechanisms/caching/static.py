@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ...config import CacheConfig
 from ..base import Mechanism
 
 
@@ -31,9 +30,6 @@ class Entry:
 
 class StepCache(Mechanism):
     name = "cache"
-
-    def __init__(self, config: CacheConfig):
-        super().__init__(config)
 
     # -- the policy -----------------------------------------------------------------------------------
     def computes(self, step: int, num_steps: int | None) -> bool:
