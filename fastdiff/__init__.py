@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import adapters
-from .config import CacheConfig, FastDiffConfig, TelemetryConfig
+from .config import CacheConfig, FastDiffConfig, GuidanceConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, dense_table
 from .cost.model import CostModel
@@ -26,7 +26,7 @@ from .session import ATTR, Session
 __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "reset", "accelerated", "estimate", "presets", "load_config", "supported", "session_of",
-    "FastDiffConfig", "TelemetryConfig", "CacheConfig", "Session", "StepContext", "TokenLayout", "Estimate",
+    "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout", "Estimate",
     "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 

@@ -17,10 +17,13 @@ from .context import StepContext, TokenLayout
 
 @dataclass
 class CallRecord:
-    """What one denoiser call was, and (filled by telemetry) which blocks ran with how many tokens."""
+    """What one denoiser call was, which blocks ran with how many tokens (telemetry), and what each
+    mechanism decided for it (e.g. {"cache": "reuse", "guidance": "skip-uncond"})."""
 
     ctx: StepContext
     blocks: dict[int, int] = field(default_factory=dict)
+    decisions: dict[str, str] = field(default_factory=dict)
+    dense_rows: int | None = None  # rows the dense model would have run, when a mechanism ran fewer
 
 
 def _timestep(value: Any) -> float:

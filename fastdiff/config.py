@@ -50,34 +50,117 @@ class TelemetryConfig:
 
 @dataclass
 class CacheConfig:
-    """Block caching across denoising steps (static interval: FORA for DiTs, DeepCache-style for UNets).
+    """Block caching across denoising steps: a policy decides *when* the cached span of blocks is reused,
+    an estimator decides *what* stands in for it.
 
     Args:
-        policy: "static" — compute every `interval`-th step, reuse cached block results in between.
-        interval: steps between two computed steps; 1 never reuses (bit-identical to no caching).
-        warmup: first steps that are always computed (the layout of the image is decided there).
-        cooldown: last steps that are always computed (fine detail); needs the scheduler's step count.
+        policy: "static" — compute every `interval`-th step (FORA for DiTs, DeepCache for UNets);
+            "residual" — the first `head` blocks always run; the rest is reused while the accumulated
+            relative change of their residual stays below `threshold` (first-block cache / TeaCache-style);
+            "easycache" — reuse while the accumulated output change, predicted from the input change times
+            the transformation rate measured at computed steps, stays below `threshold` (EasyCache);
+            "delta" — Δ-DiT: in the first `boundary` of the steps the rear `stage_blocks` of the blocks are
+            cached, afterwards the front ones, each recomputed every `interval` steps.
+        estimator: "reuse" — the span's residual (or UNet block outputs) from the last computed step;
+            "taylor" — Newton/Taylor forecast of order `order` over the last computed steps (TaylorSeer);
+            "foca" — forecast-then-calibrate: an Adams–Bashforth-2 prediction corrected with the trapezoid
+            rule (FoCa-style predictor-corrector, more stable than order 2 over long gaps).
+        order: Taylor order (1 or 2); the forecast uses at most as many computed steps as are available.
+        interval: static/delta: steps between two computed steps; 1 never reuses.
+        threshold: residual/easycache: accumulated relative change allowed before recomputing; 0 never reuses.
+        head: blocks always computed at the front (Fn); the residual policy reads its signal from them.
+        tail: blocks always computed at the back (Bn).
+        max_skip: most consecutive reused steps (0 = no limit); "zeus"-style interleaving is max_skip=1.
+        warmup: first steps always computed (the layout of the image is decided there).
+        cooldown: last steps always computed (fine detail); needs the scheduler's step count.
+        boundary: delta: fraction of the steps in the first stage (rear blocks cached).
+        stage_blocks: delta: fraction of the blocks cached in each stage.
+        rescale: optional polynomial (highest power first) mapping the residual policy's measured relative
+            change to the output change it predicts, fitted by `fastdiff.calibrate` (TeaCache-style).
+        offload: keep cached tensors in CPU memory between steps (saves accelerator memory, costs copies).
     """
 
     policy: str = "static"
+    estimator: str = "reuse"
+    order: int = 1
     interval: int = 2
+    threshold: float = 0.1
+    head: int = 0
+    tail: int = 0
+    max_skip: int = 0
     warmup: int = 1
     cooldown: int = 0
+    boundary: float = 0.5
+    stage_blocks: float = 0.5
+    rescale: list[float] | None = None
+    offload: bool = False
 
     def validate(self) -> None:
         _require(self.policy in CACHE_POLICIES, f"cache.policy must be one of {CACHE_POLICIES}, got {self.policy!r}")
+        _require(self.estimator in CACHE_ESTIMATORS,
+                 f"cache.estimator must be one of {CACHE_ESTIMATORS}, got {self.estimator!r}")
+        _require(self.order in (1, 2), f"cache.order must be 1 or 2, got {self.order}")
         _require(1 <= self.interval <= 100, f"cache.interval must be in [1, 100], got {self.interval}")
-        _require(self.warmup >= 0, f"cache.warmup must be >= 0, got {self.warmup}")
-        _require(self.cooldown >= 0, f"cache.cooldown must be >= 0, got {self.cooldown}")
+        _require(0 <= self.threshold <= 10, f"cache.threshold must be in [0, 10], got {self.threshold}")
+        for name in ("head", "tail", "max_skip", "warmup", "cooldown"):
+            _require(getattr(self, name) >= 0, f"cache.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 <= self.boundary <= 1, f"cache.boundary must be in [0, 1], got {self.boundary}")
+        _require(0 < self.stage_blocks <= 1, f"cache.stage_blocks must be in (0, 1], got {self.stage_blocks}")
+        if self.rescale is not None:
+            _require(len(self.rescale) >= 1 and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                    for c in self.rescale),
+                     f"cache.rescale must be a non-empty list of numbers, got {self.rescale!r}")
+            _require(self.policy == "residual", "cache.rescale applies to the residual policy only")
+        if self.policy == "residual":
+            _require(self.head >= 1, "cache.policy 'residual' reads its signal from the first blocks: head must be >= 1")
 
     def strify(self) -> str:
-        return f"cache[{self.policy},i{self.interval},w{self.warmup},c{self.cooldown}]"
+        p = self.policy
+        knob = {"static": f"i{self.interval}", "delta": f"i{self.interval},b{self.boundary:g},s{self.stage_blocks:g}",
+                "residual": f"t{self.threshold:g},F{self.head}B{self.tail}",
+                "easycache": f"t{self.threshold:g},F{self.head}B{self.tail}"}[p]
+        est = "" if self.estimator == "reuse" else f",{self.estimator}{self.order if self.estimator == 'taylor' else ''}"
+        extra = (f",m{self.max_skip}" if self.max_skip else "") + (",offload" if self.offload else "")
+        return f"cache[{p},{knob}{est},w{self.warmup},c{self.cooldown}{extra}]"
 
 
-CACHE_POLICIES = ("static",)
+CACHE_POLICIES = ("static", "residual", "easycache", "delta")
+CACHE_ESTIMATORS = ("reuse", "taylor", "foca")
+
+
+@dataclass
+class GuidanceConfig:
+    """Skip the unconditional branch of classifier-free guidance late in sampling (Adaptive Guidance).
+
+    The skipped branch's prediction is the conditional one minus the last measured guidance delta
+    (cond − uncond), so the pipeline's guidance formula still sees both branches.
+
+    Args:
+        mode: "step" — skip from the step at fraction `start` of the run on; "converged" — skip (for the
+            rest of the run) once the cosine similarity of cond and uncond predictions reaches `threshold`
+            after `start`.
+        start: fraction of the steps before which both branches always run.
+        threshold: "converged": cosine similarity at which the branches count as converged.
+    """
+
+    mode: str = "step"
+    start: float = 0.5
+    threshold: float = 0.99
+
+    def validate(self) -> None:
+        _require(self.mode in GUIDANCE_MODES, f"guidance.mode must be one of {GUIDANCE_MODES}, got {self.mode!r}")
+        _require(0 <= self.start <= 1, f"guidance.start must be in [0, 1], got {self.start}")
+        _require(-1 <= self.threshold <= 1, f"guidance.threshold must be in [-1, 1], got {self.threshold}")
+
+    def strify(self) -> str:
+        tail = f",t{self.threshold:g}" if self.mode == "converged" else ""
+        return f"guidance[{self.mode},s{self.start:g}{tail}]"
+
+
+GUIDANCE_MODES = ("step", "converged")
 
 # Sections in the order mechanisms attach (innermost first). Mechanism issues add their section here.
-SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "cache": CacheConfig}
+SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "cache": CacheConfig, "guidance": GuidanceConfig}
 
 
 @dataclass
@@ -87,10 +170,12 @@ class FastDiffConfig:
     Args:
         telemetry: per-call bookkeeping behind `summary()`; costs a few Python operations per block.
         cache: block caching across steps; None = off.
+        guidance: skipping the unconditional CFG branch late in sampling; None = off.
     """
 
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     cache: CacheConfig | None = None
+    guidance: GuidanceConfig | None = None
 
     def __post_init__(self):
         # FastDiffConfig(cache={"interval": 3}) is as good as FastDiffConfig(cache=CacheConfig(interval=3))

@@ -21,6 +21,7 @@ class StepRow:
     blocks_total: int
     flops: float | None
     dense_flops: float | None
+    decisions: list[str] = field(default_factory=list)  # per call: what the mechanisms decided, e.g. "cache=reuse"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Summary:
     per_block: dict[str, int] = field(default_factory=dict)  # block path -> calls in which it ran
     flops: float | None = None
     dense_flops: float | None = None
+    mechanisms: dict[str, dict] = field(default_factory=dict)  # mechanism name -> its report()
 
     @property
     def estimated_speedup(self) -> float | None:
@@ -61,7 +63,7 @@ class Summary:
             dense = flops = None
             if cost is not None:
                 per = cost.block_flops(ctx.layout)
-                dense = ctx.batch_size * sum(per)
+                dense = (rec.dense_rows or ctx.batch_size) * sum(per)
                 ran = rec.blocks.keys() if tracked else range(len(blocks))
                 flops = ctx.batch_size * (per[-1] + sum(per[i] for i in ran))
                 total += flops
@@ -75,6 +77,7 @@ class Summary:
                 if ctx.layout is not None:
                     row.image_tokens, row.text_tokens = ctx.layout.image_tokens, ctx.layout.text_tokens
             row.calls += 1
+            row.decisions.append(",".join(f"{k}={v}" for k, v in rec.decisions.items()))
             row.branches.append("/".join(sorted(set(ctx.branches))))
             row.blocks_total += len(blocks)
             if tracked:
@@ -95,21 +98,30 @@ class Summary:
             per_block=per_block if tracked else {},
             flops=total if cost is not None and records else None,
             dense_flops=dense_total if cost is not None and records else None,
+            mechanisms={m.name: r for m in session.mechanisms if (r := m.report())},
         )
 
     def __str__(self) -> str:
         head = (f"fastdiff summary: {self.model} ({self.family}), config {self.config}, run {self.run}: "
                 f"{self.steps} steps, {self.calls} denoiser calls")
         lines = [head, f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} {'blocks':>9} "
-                       f"{'GFLOPs':>10} {'dense':>10}"]
+                       f"{'GFLOPs':>10} {'dense':>10}  decisions"]
         for r in self.per_step:
             tok = "-" if r.image_tokens is None else f"{r.image_tokens}+{r.text_tokens}"
             blk = "-" if r.blocks_computed is None else f"{r.blocks_computed}/{r.blocks_total}"
             gf = "-" if r.flops is None else f"{r.flops / 1e9:.3f}"
             gd = "-" if r.dense_flops is None else f"{r.dense_flops / 1e9:.3f}"
             lines.append(f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} {','.join(r.branches):<16} {tok:>11} "
-                         f"{blk:>9} {gf:>10} {gd:>10}")
+                         f"{blk:>9} {gf:>10} {gd:>10}  {' | '.join(d for d in r.decisions if d)}")
         if self.estimated_speedup is not None:
             lines.append(f"estimated FLOPs {self.flops / 1e9:.3f} G vs dense {self.dense_flops / 1e9:.3f} G "
                          f"-> {self.estimated_speedup:.2f}x")
+        for name, rep in self.mechanisms.items():
+            lines.append(f"{name}: " + ", ".join(f"{k}={_fmt(k, v)}" for k, v in rep.items()))
         return "\n".join(lines)
+
+
+def _fmt(key: str, value) -> str:
+    if key.endswith("bytes") and isinstance(value, int):
+        return f"{value / 2**20:.2f} MiB"
+    return str(value)

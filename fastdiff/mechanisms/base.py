@@ -43,3 +43,7 @@ class Mechanism(ABC):
     def make_state(self) -> Any:
         """Fresh per-(run, call) state; see RunState.slot."""
         return None
+
+    def report(self) -> dict:
+        """Mechanism-specific numbers for `summary()` (e.g. the cache's memory); JSON-serialisable."""
+        return {}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..config import SECTIONS, FastDiffConfig
 from .base import Mechanism
-from .caching import StepCache
+from .caching import GuidanceSkip, StepCache
 from .telemetry import Telemetry
 
-MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "cache": StepCache}
+MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "cache": StepCache, "guidance": GuidanceSkip}
 assert set(MECHANISMS) == set(SECTIONS), "every config section needs its mechanism"
 
 

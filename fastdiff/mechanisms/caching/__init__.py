@@ -1,5 +1,6 @@
-"""Feature caching across denoising steps."""
+"""Feature caching across denoising steps: one mechanism, pluggable policies and estimators."""
 
-from .static import StepCache
+from .cache import StepCache
+from .guidance import GuidanceSkip
 
-__all__ = ["StepCache"]
+__all__ = ["StepCache", "GuidanceSkip"]

@@ -1,0 +1,167 @@
+"""Skipping the unconditional CFG branch late in sampling (Adaptive Guidance).
+
+Late in sampling the conditional and unconditional predictions move together, so their difference —
+the guidance delta — changes little. Once skipping starts, only the conditional rows run; each skipped
+unconditional prediction is the conditional one minus the last measured delta, so the pipeline's own
+guidance formula is left untouched.
+
+- separate CFG calls (Flux true CFG, Wan, HunyuanVideo): the unconditional call does not run at all;
+- batched CFG (DiT, PixArt, SD3, SD/SDXL, CogVideoX): the denoiser runs on the conditional rows only,
+  every batch-sized input is cut to those rows, and the output is put back together in the pipeline's
+  row order. Rows are paired in order (k-th cond row ↔ k-th uncond row), the layout every diffusers
+  pipeline uses; samples never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...context import COND, UNCOND, UNKNOWN
+from ...errors import FastDiffError, UnsupportedModelError
+from ..base import Mechanism
+
+
+@dataclass
+class GuidanceState:
+    delta: torch.Tensor | None = None  # cond - uncond of the last step where both ran (uncond rows' order)
+    cond: torch.Tensor | None = None  # separate calls: this step's conditional prediction
+    cond_out: Any = None  # ... and the output object it came in (the template of a skipped call's output)
+    cond_step: int = -1
+    converged: bool = False
+
+
+class GuidanceSkip(Mechanism):
+    name = "guidance"
+
+    def validate(self, adapter) -> None:
+        if not adapter.spec.pipelines and adapter.spec.row_branches is None:
+            raise UnsupportedModelError(
+                f"{type(adapter.denoiser).__name__}: guidance skipping needs to know each row's CFG branch, and the "
+                f"'{adapter.name}' adapter describes no pipeline CFG layout. Supported families: those of "
+                "fastdiff.supported() applied through their diffusers pipeline.")
+
+    def estimate_cost(self, table):
+        """Both CFG branches are charged as calls 0 and 1 of a step; from `start` on the second is free.
+        For mode "converged" this is the bound (skipping from `start`); summary() has what a run did."""
+        if table.calls_per_step < 2:
+            return table
+        steps = len(table.rows) // table.calls_per_step
+        first = self._first_step(steps)
+        rows = [tuple(0.0 for _ in row) if (i // table.calls_per_step >= first and i % table.calls_per_step == 1)
+                else row for i, row in enumerate(table.rows)]
+        return table.with_rows(rows)
+
+    def attach(self, adapter, session):
+        self.session = session
+        self.adapter = adapter
+        self.signature = inspect.signature(type(adapter.denoiser).forward)
+        session.hooks.wrap(adapter.denoiser, "fastdiff.guidance", self._wrapper)
+
+    def make_state(self) -> GuidanceState:
+        return GuidanceState()
+
+    def _first_step(self, num_steps: int | None) -> int:
+        return 0 if num_steps is None else round(self.config.start * num_steps)
+
+    # -- the hook -----------------------------------------------------------------------------------
+    def _wrapper(self, inner, args, kwargs):
+        rec = self.session.current_record
+        if rec is None:
+            return inner(*args, **kwargs)
+        ctx = rec.ctx
+        branches = ctx.branches
+        if UNKNOWN in branches:
+            self._unknown()
+        if UNCOND not in branches:  # CFG off, or the conditional call of separate CFG
+            out = inner(*args, **kwargs)
+            st = self.session.state.slot(self.name, 0, self.make_state)
+            st.cond, st.cond_out, st.cond_step = _sample(out), out, ctx.step
+            return out
+        st: GuidanceState = self.session.state.slot(self.name, 0, self.make_state)
+        cond_rows = [i for i, b in enumerate(branches) if b == COND]
+        uncond_rows = [i for i, b in enumerate(branches) if b == UNCOND]
+        late = ctx.step >= self._first_step(ctx.num_steps)
+        skip = late and st.delta is not None and (self.config.mode == "step" or st.converged)
+        if not cond_rows:  # separate calls: this is the unconditional one
+            if skip and st.cond_step == ctx.step and st.cond.shape == st.delta.shape:
+                rec.decisions[self.name] = "skip-uncond"
+                rec.dense_rows = len(branches)
+                rec.ctx = dataclasses.replace(ctx, branches=())
+                return _with_sample(st.cond_out, st.cond - st.delta)
+            out = inner(*args, **kwargs)
+            if st.cond_step == ctx.step:
+                self._measure(st, st.cond, _sample(out), late)
+            return out
+        if skip and len(cond_rows) == len(uncond_rows) and st.delta.shape[0] == len(uncond_rows):
+            rec.decisions[self.name] = "skip-uncond"
+            rec.dense_rows = len(branches)
+            rec.ctx = dataclasses.replace(ctx, branches=tuple(branches[i] for i in cond_rows))
+            out = self._call_rows(inner, args, kwargs, cond_rows, len(branches))
+            cond = _sample(out)
+            full = cond.new_empty((len(branches), *cond.shape[1:]))
+            full[cond_rows] = cond
+            full[uncond_rows] = cond - st.delta
+            return _with_sample(out, full)
+        out = inner(*args, **kwargs)
+        sample = _sample(out)
+        if len(cond_rows) == len(uncond_rows):
+            self._measure(st, sample[cond_rows], sample[uncond_rows], late)
+        return out
+
+    def _measure(self, st: GuidanceState, cond: torch.Tensor, uncond: torch.Tensor, late: bool) -> None:
+        st.delta = cond - uncond
+        if self.config.mode == "converged" and late and not st.converged:
+            cos = torch.nn.functional.cosine_similarity(cond.flatten(1).float(), uncond.flatten(1).float(), dim=1)
+            st.converged = bool(cos.min() >= self.config.threshold)  # every row pair must have converged
+
+    def _call_rows(self, inner, args, kwargs, rows, batch):
+        """Run the denoiser on `rows` of the batch: every tensor input with `batch` leading rows is cut."""
+        bound = self.signature.bind_partial(self.adapter.denoiser, *args, **kwargs)
+        index = torch.tensor(rows)
+
+        def cut(v):
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch:
+                return v[index.to(v.device)]
+            if isinstance(v, dict):
+                return {k: cut(x) for k, x in v.items()}
+            return v
+
+        call_args, call_kwargs = [], {}
+        for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                call_args.extend(cut(v) for v in value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                call_kwargs.update({k: cut(v) for k, v in value.items()})
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                call_args.append(cut(value))
+            else:
+                call_kwargs[name] = cut(value)
+        return inner(*call_args, **call_kwargs)
+
+    def _unknown(self):
+        raise FastDiffError(
+            f"guidance skipping: the CFG branch of the rows of this {type(self.adapter.denoiser).__name__} call is "
+            "unknown (fastdiff was applied to the bare denoiser, or the pipeline class is not in the "
+            f"'{self.adapter.name}' adapter). Apply fastdiff to the diffusers pipeline, or drop the guidance section.")
+
+
+def _sample(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def _with_sample(out, sample: torch.Tensor):
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, tuple):
+        return (sample, *out[1:])
+    return dataclasses.replace(out, sample=sample)
