@@ -22,6 +22,26 @@ class ToyDenoiser(torch.nn.Module):
         return hidden_states + 0 * torch.as_tensor(timestep if timestep is not None else 0.0)
 
 
+class AddStep(torch.nn.Module):
+    """x -> x + t: the residual is the call's timestep, which is linear in the step index."""
+
+    t = 0.0
+
+    def forward(self, hidden_states):
+        return hidden_states + self.t
+
+
+class ShiftDenoiser(ToyDenoiser):
+    def __init__(self, n_blocks: int = 3):
+        super().__init__(n_blocks)
+        self.transformer_blocks = torch.nn.ModuleList(AddStep() for _ in range(n_blocks))
+
+    def forward(self, hidden_states, timestep=None):
+        for block in self.transformer_blocks:
+            block.t = float(timestep) / 1000
+        return super().forward(hidden_states, timestep)
+
+
 class FakeScheduler:
     """The two scheduler methods the clock listens to, with diffusers' signatures."""
 
@@ -59,7 +79,7 @@ class FakePipeline:
 
 register(FamilySpec(
     name="toy",
-    classes=("ToyDenoiser",),
+    classes=("ToyDenoiser", "ShiftDenoiser"),
     block_lists=(BlockList("transformer_blocks", "transformer", IOPattern(encoder_arg=None)),),
     layout=tensor_layout("BCHW", lambda cfg, f, h, w: (f, h, w), "none"),
     latent_grid=lambda cfg, f, h, w: (f, h, w),
