@@ -2,7 +2,7 @@
 
 The default model is a seeded DiT (DiTTransformer2DModel, random weights, built offline) driven by the
 real DiTPipeline. Random weights make fidelity numbers optimistic; the trained reference model of the
-evaluation tool replaces it. Usage: python examples/demo.py [--steps 20] [--preset cache-static ...]
+evaluation tool replaces it. Usage: python examples/demo.py [--steps 20] [--preset cache-safe ...]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--preset", action="append", help="fastdiff preset(s) to compare (default: cache-static)")
+    parser.add_argument("--preset", action="append", help="fastdiff preset(s) to compare (default: cache-safe)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -58,7 +58,7 @@ def main() -> None:
     timed(pipe, {**kwargs, "num_inference_steps": 2}, 1)  # warm-up
     base, t_base, spread = timed(pipe, kwargs, args.repeats)
     rows = [("baseline", t_base, spread, 1.0, float("inf"), 1.0)]
-    for preset in args.preset or ["cache-static"]:
+    for preset in args.preset or ["cache-safe"]:
         with fastdiff.accelerated(pipe, preset=preset) as handle:
             out, t, spread = timed(pipe, kwargs, args.repeats)
             summary = handle.summary()

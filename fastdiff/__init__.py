@@ -18,6 +18,7 @@ from .config import CacheConfig, FastDiffConfig, GuidanceConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, dense_table
 from .cost.model import CostModel
+from .cost.planner import Plan, plan
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
 from .integrations.diffusers import find_parts, latent_dims
 from .mechanisms import registry as _mechanisms
@@ -25,9 +26,9 @@ from .session import ATTR, Session
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply", "remove", "reset", "accelerated", "estimate", "presets", "load_config", "supported", "session_of",
-    "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout", "Estimate",
-    "FastDiffError", "ConfigError", "UnsupportedModelError",
+    "apply", "remove", "reset", "accelerated", "estimate", "plan", "presets", "load_config", "supported", "session_of",
+    "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout",
+    "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 
 Handle = Session
@@ -80,6 +81,7 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
         raise FastDiffError(f"fastdiff is already applied to this {type(denoiser).__name__}; "
                             "call fastdiff.remove(pipe) first")
     adapter = adapters.resolve(denoiser)
+    cfg = cfg.for_family(adapter.name)
     mechanisms = _mechanisms.build(cfg)
     for mechanism in mechanisms:
         mechanism.validate(adapter)
@@ -130,6 +132,7 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: i
     config = load_config(config, preset=preset, **overrides)
     pipeline, denoiser, _ = find_parts(pipe_or_denoiser)
     adapter = adapters.resolve(denoiser)
+    config = config.for_family(adapter.name)
     model = CostModel(adapter)
     spec = adapter.spec
     grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, height, width, num_frames))

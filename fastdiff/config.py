@@ -7,6 +7,7 @@ and `strify()` gives a compact, stable name for logs and result files.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -171,11 +172,15 @@ class FastDiffConfig:
         telemetry: per-call bookkeeping behind `summary()`; costs a few Python operations per block.
         cache: block caching across steps; None = off.
         guidance: skipping the unconditional CFG branch late in sampling; None = off.
+        families: per-family section overrides, {family: {section: {key: value}}}, applied when the model's
+            family is known (`for_family`); a preset uses them where a family needs other settings. A value the
+            user overrides explicitly wins over every family's.
     """
 
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     cache: CacheConfig | None = None
     guidance: GuidanceConfig | None = None
+    families: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # FastDiffConfig(cache={"interval": 3}) is as good as FastDiffConfig(cache=CacheConfig(interval=3))
@@ -198,12 +203,26 @@ class FastDiffConfig:
             for f in fields(section):
                 _check_type(cls, name, f, getattr(section, f.name))
             section.validate()
+        _require(isinstance(self.families, dict), f"config 'families' must be a mapping, got {type(self.families).__name__}")
+        for family, over in self.families.items():
+            _require(isinstance(family, str), f"config 'families' keys are family names, got {family!r}")
+            _check_fields(type(self), over, f"config families.{family}")
+            _require("families" not in over, f"config families.{family} cannot nest 'families'")
+            self.for_family(family)  # every family's resolved config must be valid on its own
         return self
+
+    def for_family(self, family: str) -> "FastDiffConfig":
+        """The config a model of `family` runs with: this one with that family's overrides merged in."""
+        base = dataclasses.replace(self, families={})
+        return base.merged(self.families.get(family, {}))
 
     # -- conversion --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {name: None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name))
-                for name in SECTIONS}
+        out = {name: None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name))
+               for name in SECTIONS}
+        if self.families:
+            out["families"] = {k: dict(v) for k, v in self.families.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "FastDiffConfig":
@@ -230,6 +249,17 @@ class FastDiffConfig:
             else:
                 raise ConfigError(f"config section '{name}' must be a dict, a {section_cls.__name__} or None, "
                                   f"got {type(value).__name__}")
+        if "families" in overrides:
+            out["families"] = copy.deepcopy(overrides["families"])
+        else:  # what the caller sets explicitly now wins over the families' settings of the same keys
+            out["families"] = {}
+            for family, over in copy.deepcopy(self.families).items():
+                for name, value in overrides.items():
+                    if name in over and isinstance(value, dict) and isinstance(over[name], dict):
+                        over[name] = {k: v for k, v in over[name].items() if k not in value}
+                    elif name in over:
+                        del over[name]
+                out["families"][family] = over
         return type(self)(**out).validate()
 
     @classmethod

@@ -65,7 +65,7 @@ def test_taylor_forecast_of_a_linear_residual_is_exact_end_to_end():
 
 def _residual_policy_by_hand(steps, threshold, max_skip, n_blocks=3):
     """The residual policy on Double blocks with head=1, replayed with scalars: x is a multiple of ones."""
-    x, prev_sig, acc, cached, consecutive, out, decisions = 1.0, None, 0.0, None, 0, [], []
+    x, prev_sig, acc, cached, consecutive, decisions = 1.0, None, 0.0, None, 0, []
     for step in range(steps):
         sig = x  # head residual: 2x - x
         rel = None if prev_sig is None else abs(sig - prev_sig) / abs(prev_sig)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.hooks import HookSet
 from fastdiff.errors import FastDiffError
+from fastdiff.hooks import HookSet
 
 from .toy import FakePipeline, ToyDenoiser
 

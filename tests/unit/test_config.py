@@ -289,3 +289,31 @@ def test_malformed_yaml_raises_config_error(tmp_path, text):
 def test_dict_sections_in_the_dataclass_are_accepted():
     cfg = load_config(FastDiffConfig(telemetry={"enabled": False}, cache={"interval": 3}))
     assert cfg.telemetry.enabled is False and cfg.cache.interval == 3
+
+
+def test_family_overrides_apply_per_family_and_explicit_user_values_win(tmp_path):
+    cfg = fastdiff.load_config({"cache": {"interval": 2}, "families": {"unet": {"cache": {"interval": 3, "warmup": 2}}}})
+    assert cfg.for_family("unet").cache.interval == 3 and cfg.for_family("unet").cache.warmup == 2
+    assert cfg.for_family("dit").cache.interval == 2
+    user = cfg.merged({"cache": {"interval": 5}})  # the user's explicit interval wins for every family
+    assert user.for_family("unet").cache.interval == 5 and user.for_family("unet").cache.warmup == 2
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert fastdiff.FastDiffConfig.from_yaml(tmp_path / "c.yaml").for_family("unet") == cfg.for_family("unet")
+    for bad in ({"families": {"unet": {"cache": {"interval": 0}}}}, {"families": {"unet": {"bogus": {}}}},
+                {"families": {"unet": {"families": {}}}}, {"families": [1]}):
+        with pytest.raises(fastdiff.ConfigError):
+            fastdiff.load_config(bad)
+
+
+def test_every_preset_accelerates_every_family_by_the_cost_model():
+    for preset in fastdiff.presets():
+        if preset == "none":
+            continue
+        for family in tiny.FAMILIES:
+            pipe = tiny.build_pipeline(family)
+            kw = tiny.pipeline_kwargs(family)
+            size = {"height": kw.get("height", 16), "width": kw.get("width", 16)}
+            if "num_frames" in kw:
+                size["num_frames"] = kw["num_frames"]
+            est = fastdiff.estimate(pipe, preset=preset, steps=20, **size)
+            assert est.speedup > 1.3, (preset, family, est.speedup)

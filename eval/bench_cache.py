@@ -1,0 +1,262 @@
+"""Caching benchmark: baseline, every fastdiff caching policy at 3 aggressiveness levels, and the peers
+(diffusers' cache hooks, cache-dit when installed) — one process, one model, the same seeds and steps.
+
+    python -m fastdiff.eval.bench_cache --model ref-digits --samples 20 --steps 20 --out eval/results/cache-ref-digits
+
+Writes <out>/results.json, results.csv, README.md (the table, device, versions, command) and pareto.png.
+Speedup = baseline median time / method median time, measured here; PSNR/SSIM against the baseline output
+of the same seeds; "FLOPs x" is fastdiff's own accounting of what the run computed (summary()).
+Dynamic policies are tuned to a target FLOPs speedup with `fastdiff.plan` on the benchmark call itself, as
+the peers' thresholds are searched to a target skip fraction (`peers.apply_peer(target_skip=...)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastdiff
+
+from . import metrics, workloads
+
+LEVELS = ("safe", "fast", "ultra")
+TARGETS = {"safe": 1.5, "fast": 2.0, "ultra": 2.7}  # FLOPs speedups the tuned (dynamic) policies aim for
+
+# method -> level -> config; "plan" entries are tuned to TARGETS[level] on the benchmark call
+FASTDIFF = {
+    "static (FORA/DeepCache)": {lv: {"cache": {"policy": "static", "interval": i, "warmup": 1, "cooldown": 1}}
+                                for lv, i in zip(LEVELS, (2, 3, 4))},
+    "static + Taylor-1": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "taylor", "order": 1,
+                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+    "static + Taylor-2": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "taylor", "order": 2,
+                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+    "static + FoCa": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "foca", "warmup": 2,
+                                     "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+    "delta-DiT": {lv: {"cache": {"policy": "delta", "interval": i, "warmup": 1}} for lv, i in zip(LEVELS, (2, 3, 4))},
+    "residual (Fn=1)": {lv: {"plan": True, "cache": {"policy": "residual", "head": 1, "max_skip": m, "warmup": 1}}
+                        for lv, m in zip(LEVELS, (2, 3, 5))},
+    "residual + Taylor-1": {lv: {"plan": True, "cache": {"policy": "residual", "head": 1, "max_skip": m, "warmup": 2,
+                                                         "estimator": "taylor"}} for lv, m in zip(LEVELS, (2, 3, 5))},
+    "EasyCache": {lv: {"plan": True, "cache": {"policy": "easycache", "max_skip": m, "warmup": 1}}
+                  for lv, m in zip(LEVELS, (2, 3, 5))},
+    "CFG skip": {lv: {"guidance": {"mode": "step", "start": s}} for lv, s in zip(LEVELS, (0.7, 0.5, 0.3))},
+    "presets": {lv: {"preset": f"cache-{lv}"} for lv in LEVELS},
+}
+
+
+def timed(wl: workloads.Workload, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        kw = wl.make_kwargs()
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = wl.pipe(**kw)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return wl.to_images(out).float().cpu(), times
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _fidelity(x, ref, data_range):
+    return metrics.psnr(x, ref, data_range), metrics.ssim(x, ref, data_range)
+
+
+def run(args) -> list[dict]:
+    wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
+    timed(wl, 1)  # warm-up
+    base, base_times = timed(wl, args.repeats)
+    t_base = statistics.median(base_times)
+    data_range = 1.0 if wl.trained else float(base.max() - base.min())
+    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=_spread(base_times),
+                 speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, note="")]
+    classify = _classifier(args.model)
+    if classify:
+        rows[0]["accuracy"] = classify(base)
+    call = lambda: wl.pipe(**wl.make_kwargs())  # noqa: E731  (the call dynamic policies are tuned on)
+
+    for method, levels in FASTDIFF.items():
+        if args.only and not any(o in method for o in args.only):
+            continue
+        for level, cfg in levels.items():
+            cfg = dict(cfg)
+            note = ""
+            try:
+                if cfg.pop("plan", False):
+                    with torch.no_grad():
+                        p = fastdiff.plan(wl.pipe, cfg, target=TARGETS[level], call=call)
+                    cfg = p.config
+                    note = f"threshold {p.value:.3g} tuned to {TARGETS[level]}x in {p.runs} runs"
+                preset = cfg.pop("preset", None) if isinstance(cfg, dict) else None
+                with fastdiff.accelerated(wl.pipe, cfg if cfg else None, preset=preset) as h:
+                    timed(wl, 1)
+                    out, times = timed(wl, args.repeats)
+                    s = h.summary()
+            except (fastdiff.UnsupportedModelError, fastdiff.ConfigError) as err:
+                rows.append(dict(method=f"fastdiff {method}", level=level, config="-", note=f"unsupported: {err}"))
+                continue
+            t = statistics.median(times)
+            p_, s_ = _fidelity(out, base, data_range)
+            row = dict(method=f"fastdiff {method}", level=level, config=s.config, time_s=t, spread_s=_spread(times),
+                       speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=s.estimated_speedup, note=note)
+            if classify:
+                row["accuracy"] = classify(out)
+            rows.append(row)
+            print(_line(row), flush=True)
+
+    if not args.no_peers:
+        rows += run_peers(wl, base, t_base, data_range, args, classify)
+    return rows, wl
+
+
+def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
+    from . import peers
+
+    rows = []
+    for name, peer in peers.PEERS.items():
+        for level in LEVELS:
+            try:
+                kw = wl.make_kwargs()
+                target = peers.LEVEL_TARGETS[level] if peer.threshold is not None else None
+                with torch.no_grad():
+                    remove = peers.apply_peer(wl.pipe, name, level, call_kwargs=kw, target_skip=target)
+            except (peers.PeerError, KeyError) as err:
+                rows.append(dict(method=f"{name}", level=level, config="-", note=f"not run: {err}"))
+                break
+            try:
+                timed(wl, 1)
+                out, times = timed(wl, args.repeats)
+            finally:
+                remove()
+            t = statistics.median(times)
+            p_, s_ = _fidelity(out, base, data_range)
+            row = dict(method=name, level=level, config=json.dumps(remove.kwargs, default=str), time_s=t,
+                       spread_s=_spread(times), speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=None,
+                       note=f"{peer.source}" + (f", skip {remove.skip:.2f} (searched)" if remove.skip is not None else ""))
+            if classify:
+                row["accuracy"] = classify(out)
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _classifier(model: str):
+    reference = workloads._reference()
+    if reference is None or model not in reference.names() or not hasattr(reference, "classifier"):
+        return None
+    clf = reference.classifier()
+    labels = torch.tensor([i % 10 for i in range(10**4)])
+
+    def accuracy(images):
+        with torch.no_grad():
+            pred = clf.logits(images).argmax(-1)
+        return float((pred == labels[: len(pred)]).float().mean())
+
+    return accuracy
+
+
+def _spread(times):
+    return (max(times) - min(times)) / 2
+
+
+def _line(r) -> str:
+    fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}x"
+    acc = f" acc {r['accuracy']:.2f}" if "accuracy" in r else ""
+    return (f"{r['method']:<34} {r['level']:<6} {r['time_s']:8.3f}s {r['speedup']:6.2f}x  PSNR {r['psnr']:6.2f}  "
+            f"SSIM {r['ssim']:.4f}  FLOPs {fl}{acc}  {r.get('note', '')}")
+
+
+def write(rows, wl, args, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(device=_device(), threads=torch.get_num_threads(), torch=torch.__version__,
+               diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
+               python=platform.python_version(),
+               command="python -m fastdiff.eval.bench_cache " + " ".join(sys.argv[1:]), workload=wl.describe,
+               trained=wl.trained)
+    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
+    keys = ["method", "level", "time_s", "spread_s", "speedup", "psnr", "ssim", "flops_speedup", "accuracy", "config",
+            "note"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Caching benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
+             "| method | level | time s | speedup | PSNR dB | SSIM | FLOPs x | class acc | config / note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "time_s" not in r:
+            lines.append(f"| {r['method']} | {r['level']} | - | - | - | - | - | - | {r['note']} |")
+            continue
+        fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
+        acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "-"
+        lines.append(f"| {r['method']} | {r['level']} | {r['time_s']:.3f} ± {r['spread_s']:.3f} | {r['speedup']:.2f} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | `{r['config']}` {r.get('note', '')} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    pareto(rows, out / "pareto.png", wl)
+
+
+def pareto(rows, path: Path, wl) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    by = {}
+    for r in rows:
+        if "time_s" in r and r["method"] != "baseline":
+            by.setdefault(r["method"], []).append(r)
+    for method, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["speedup"])
+        ax.plot([r["speedup"] for r in rs], [min(r["psnr"], 80) for r in rs], "o-" if "fastdiff" in method else "s--",
+                label=method, markersize=4)
+    ax.axhline(30, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("measured speedup over baseline (same run)")
+    ax.set_ylabel("PSNR vs baseline, dB")
+    ax.set_title(f"{wl.name}: speed vs fidelity" + ("" if wl.trained else " (RANDOM weights)"))
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ref-digits")
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--only", action="append", help="run only fastdiff methods whose name contains this")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, wl = run(args)
+    write(rows, wl, args, args.out)
+    print(f"wrote {args.out}/README.md, results.json, results.csv, pareto.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What a benchmark runs: a pipeline plus the call that makes one batch of samples, rebuilt fresh per run
+(generators are consumed by a call) so every configuration sees the same seeds.
+
+- "ref-digits" (and any other name of `fastdiff.eval.reference`): a model this project trained; fidelity
+  numbers mean something.
+- a family name of `fastdiff.tiny` ("dit", "flux", ...): seeded random weights; good for latency and for
+  checking that a method runs, while its fidelity numbers are optimistic — reports say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fastdiff import tiny
+from fastdiff.integrations.diffusers import find_parts
+
+
+@dataclass
+class Workload:
+    name: str
+    pipe: Any
+    make_kwargs: Callable[[], dict]  # a fresh call (new generators) of `samples` samples
+    to_images: Callable[[Any], torch.Tensor]  # pipeline output -> (N, C, H, W) tensor
+    trained: bool  # False: random weights, fidelity is not meaningful
+    describe: str
+    data_range: float | None = None  # None: images in [0, 1]; else the baseline's value range (latents)
+
+
+def load(name: str, *, samples: int, steps: int, seed: int = 0, guidance: float | None = None) -> Workload:
+    reference = _reference()
+    if reference is not None and name in reference.names():
+        pipe = reference.load(name)
+        pipe.set_progress_bar_config(disable=True)
+        labels = [i % 10 for i in range(samples)]
+        scale = 2.0 if guidance is None else guidance
+
+        def make():
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
+            return dict(class_labels=labels, num_inference_steps=steps, guidance_scale=scale, generator=gens,
+                        output_type="pt")
+
+        return Workload(name, pipe, make, lambda out: out.images, True,
+                        f"{name} (trained by fastdiff), {samples} samples (classes 0-9 cycled), {steps} steps, "
+                        f"CFG {scale}")
+    if name in tiny.FAMILIES:
+        pipe = tiny.build_pipeline(name)
+
+        def make():
+            kw = tiny.pipeline_kwargs(name, batch_size=samples, steps=steps, seed=seed)
+            kw["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
+            return kw
+
+        return Workload(name, pipe, make, tiny.output_tensor, False,
+                        f"tiny {name} ({type(find_parts(pipe)[1]).__name__}, seeded RANDOM weights: fidelity "
+                        f"is not meaningful), {samples} samples, {steps} steps")
+    known = (reference.names() if reference is not None else []) + list(tiny.FAMILIES)
+    raise ValueError(f"unknown workload {name!r}; known: {known}")
+
+
+def _reference():
+    """The reference-model registry, or None where it is not installed."""
+    try:
+        from . import reference
+    except ImportError:
+        return None
+    return reference if hasattr(reference, "names") else None

@@ -1,0 +1,90 @@
+"""From "I want 2x" to a config: the planner picks the knob value that reaches a target speedup.
+
+Schedules fixed in advance (static interval, Δ-DiT, CFG skipping from a step) are planned from the cost
+model alone (`fastdiff.estimate`, no model run). Dynamic policies (residual, EasyCache) skip as much as the
+model lets them, so their threshold is tuned on the user's own call: a few sampling runs, bisecting the
+threshold until the run's accounted FLOPs speedup (`summary().estimated_speedup`) reaches the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import FastDiffConfig
+from ..errors import ConfigError
+
+
+@dataclass
+class Plan:
+    """The chosen config and what it is expected to do."""
+
+    config: FastDiffConfig
+    target: float
+    speedup: float  # predicted (static) or measured FLOPs speedup on the tuning call (dynamic)
+    knob: str
+    value: float
+    runs: int  # sampling runs spent tuning (0 when planned from the cost model alone)
+    trace: list[tuple[float, float]]  # (knob value, speedup) tried
+
+
+def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | None = None, tolerance: float = 0.05,
+         max_runs: int = 10, **shape) -> Plan:
+    """A config reaching `target` FLOPs speedup (the closest not above it when it cannot be reached exactly).
+
+    Args:
+        pipe: the diffusers pipeline (or denoiser) the config is for.
+        config: anything `fastdiff.load_config` takes; its cache policy decides which knob is planned:
+            static/delta -> cache.interval, residual/easycache -> cache.threshold (needs `call`).
+        target: wanted speedup over dense, e.g. 2.0.
+        call: `lambda: pipe(**kwargs)` — one representative sampling call, needed for dynamic policies.
+        shape: for static schedules, `fastdiff.estimate`'s size arguments (height, width, steps, ...).
+    """
+    import fastdiff
+
+    if not 1.0 <= target <= 100:
+        raise ConfigError(f"target speedup must be in [1, 100], got {target}")
+    cfg = fastdiff.load_config(config)
+    if cfg.cache is None:
+        raise ConfigError("plan() tunes the cache section: give a config with a cache policy")
+    if cfg.cache.policy in ("static", "delta"):
+        trace = []
+        for interval in range(1, 101):
+            c = cfg.merged({"cache": {"interval": interval}})
+            speed = fastdiff.estimate(pipe, c, **shape).speedup
+            trace.append((float(interval), speed))
+            if speed >= target * (1 - tolerance) or (len(trace) > 1 and speed <= trace[-2][1]):
+                break
+        value, speed = min(trace, key=lambda t: abs(t[1] - target))
+        return Plan(cfg.merged({"cache": {"interval": int(value)}}), target, speed, "cache.interval", value, 0, trace)
+    if call is None:
+        raise ConfigError(f"cache policy '{cfg.cache.policy}' adapts to the model: plan() needs `call`, "
+                          "one representative sampling call (e.g. lambda: pipe(**kwargs)) to tune its threshold on")
+    trace: list[tuple[float, float]] = []
+
+    def measure(threshold: float) -> float:
+        c = cfg.merged({"cache": {"threshold": threshold}})
+        with fastdiff.accelerated(pipe, c) as handle:
+            call()
+            speed = handle.summary().estimated_speedup
+        trace.append((threshold, speed))
+        return speed
+
+    lo, hi = 0.0, 0.05
+    while measure(hi) < target and hi < 10 and len(trace) < max_runs:  # grow until the target is bracketed
+        if len(trace) >= 2 and 1.0 < trace[-1][1] <= trace[-2][1]:
+            break  # a plateau: warm-up, cool-down and max_skip cap what this policy can skip
+        lo, hi = hi, min(10.0, hi * 3)
+    bracketed = trace[-1][1] >= target
+    while bracketed and len(trace) < max_runs:
+        best = min(trace, key=lambda t: abs(t[1] - target))
+        if abs(best[1] - target) <= tolerance * target:
+            break
+        mid = (lo + hi) / 2
+        if measure(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    reached = [t for t in trace if t[1] <= target * (1 + tolerance)] or trace
+    value, speed = max(reached, key=lambda t: (t[1], -t[0]))
+    return Plan(cfg.merged({"cache": {"threshold": value}}), target, speed, "cache.threshold", value, len(trace), trace)
