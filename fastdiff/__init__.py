@@ -18,7 +18,7 @@ from .config import CacheConfig, FastDiffConfig, GuidanceConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, dense_table
 from .cost.model import CostModel
-from .cost.planner import Plan, plan
+from .cost.planner import Plan, calibrate, plan
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
 from .integrations.diffusers import find_parts, latent_dims
 from .mechanisms import registry as _mechanisms
@@ -26,7 +26,7 @@ from .session import ATTR, Session
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply", "remove", "reset", "accelerated", "estimate", "plan", "presets", "load_config", "supported", "session_of",
+    "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported", "session_of",
     "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout",
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]

@@ -88,3 +88,28 @@ def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | Non
     reached = [t for t in trace if t[1] <= target * (1 + tolerance)] or trace
     value, speed = max(reached, key=lambda t: (t[1], -t[0]))
     return Plan(cfg.merged({"cache": {"threshold": value}}), target, speed, "cache.threshold", value, len(trace), trace)
+
+
+def calibrate(pipe: Any, call: Callable[[], Any], *, head: int = 1, degree: int = 2) -> list[float]:
+    """Fit the residual policy's `rescale` polynomial on one dense run of `call` (TeaCache-style calibration).
+
+    Every step is computed (threshold 0) while the change of the first `head` blocks' residual (the policy's
+    signal) and the change of the cached span's own residual are recorded step to step; a least-squares
+    polynomial of `degree` maps the first to the second. With it, `cache.threshold` is a bound on the
+    accumulated change of what is reused rather than of its proxy.
+    """
+    import numpy as np
+
+    import fastdiff
+
+    cfg = {"cache": {"policy": "residual", "head": head, "threshold": 0.0}}
+    with fastdiff.accelerated(pipe, cfg) as handle:
+        cache = next(m for m in handle.mechanisms if m.name == "cache")
+        cache.trace = []
+        call()
+        pairs = cache.trace
+    if len(pairs) < degree + 2:
+        raise ConfigError(f"calibrate: the run gave {len(pairs)} step pairs, too few for a degree-{degree} fit; "
+                          "use more steps")
+    x, y = np.array(pairs).T
+    return [float(c) for c in np.polyfit(x, y, degree)]

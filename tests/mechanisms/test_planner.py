@@ -41,3 +41,18 @@ def test_plan_refuses_what_it_cannot_plan():
         fastdiff.plan(pipe, {"cache": {}}, target=0.5)
     with pytest.raises(fastdiff.ConfigError, match="cache"):
         fastdiff.plan(pipe, {}, target=2.0)
+
+
+def test_calibrate_fits_the_signal_to_output_change_map():
+    # Shift blocks add t/1000: the first block's residual and the span's residual change by the same
+    # relative amount each step, so the fitted map is the identity.
+    from ..unit.toy import ShiftDenoiser
+
+    pipe = FakePipeline(ShiftDenoiser(n_blocks=3))
+    coeffs = fastdiff.calibrate(pipe, lambda: pipe(steps=10), degree=1)
+    assert coeffs == pytest.approx([1.0, 0.0], abs=1e-5)
+    with fastdiff.accelerated(pipe, cache={"policy": "residual", "head": 1, "threshold": 0.5, "rescale": coeffs}) as h:
+        pipe(steps=10)
+        assert any("cache=reuse" in r.decisions for r in h.summary().per_step)
+    with pytest.raises(fastdiff.ConfigError, match="too few"):
+        fastdiff.calibrate(pipe, lambda: pipe(steps=2), degree=2)

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ...errors import UnsupportedModelError
 from ..base import Mechanism
 from . import estimators
-from .policies import POLICIES, PolicyState
+from .policies import POLICIES, PolicyState, row_rel_change
 
 COMPUTE, REUSE, FORECAST = "compute", "reuse", "forecast"
 
@@ -63,6 +63,7 @@ class StepCache(Mechanism):
         self.policy = POLICIES[config.policy](config)
         self.peak_bytes = 0
         self._run = None
+        self.trace: list[tuple[float, float]] | None = None  # set by fastdiff.calibrate: (signal, output) changes
 
     # -- which blocks -------------------------------------------------------------------------------
     def cacheable_range(self, adapter) -> tuple[int, int]:
@@ -219,7 +220,10 @@ class StepCache(Mechanism):
                 de = None
                 if enc_out is not None and st.enc_in is not None and enc_out.shape == st.enc_in.shape:
                     de = enc_out - st.enc_in
-                self._push(st, (s, e, -1), ctx.step, [hidden_out - st.span_in, de], st.span_in.shape)
+                dh = hidden_out - st.span_in
+                if self.trace is not None:
+                    self._trace(st, ctx.step, dh)
+                self._push(st, (s, e, -1), ctx.step, [dh, de], st.span_in.shape)
                 self.policy.computed(st.policy, st.span_in, hidden_out)
         if i == e - 1:
             st.last_computed[(s, e)], st.consecutive = ctx.step, 0
@@ -260,6 +264,13 @@ class StepCache(Mechanism):
             est = st.estimators[key] = estimators.make(self.config.estimator, self.config.order, self.config.offload)
             st.shapes[key] = tuple(shape)
         est.push(step, leaves)
+
+    def _trace(self, st: SlotState, step: int, dh: torch.Tensor) -> None:
+        """Calibration: pair the policy's signal change with the span residual's own change, step to step."""
+        est = st.estimators.get((*st.span, -1))
+        rel = st.policy.extra.get("rel")
+        if est is not None and est.history and est.history[-1][0] == step - 1 and rel is not None:
+            self.trace.append((rel, row_rel_change(dh, est.history[-1][1][0])))
 
     def _pack(self, block, st, hidden, encoder, last: bool = False):
         """The block's return value with `hidden` (and `encoder`) in place."""
