@@ -32,3 +32,37 @@ def _as_images(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 5:  # (N, C, F, H, W) latents or (N, F, C, H, W) frames: fold the 3rd dim into the batch
         t = t.transpose(1, 2).flatten(0, 1)
     return t
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D) — FID's formula in any feature space.
+
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 with symmetric square roots
+    (eigh), so identical sets give 0 up to rounding.
+    """
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = _sqrtm_psd(s_a)
+    cross = _sqrtm_psd(root_a @ s_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(s_a + s_b - 2 * cross))
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def fid_inception(x: torch.Tensor, ref: torch.Tensor, weights: str) -> float:
+    """FID with torchmetrics' Inception network from a LOCAL weights file (nothing is downloaded).
+
+    Get the file once on a machine with internet (torch-fidelity's `pt_inception-2015-12-05-6726825d.pth`)
+    and pass its path; images are (N, 3|1, H, W) in [0, 1] (grey images are repeated to 3 channels).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
+    rgb = lambda t: _as_images(t).expand(-1, 3, -1, -1) if _as_images(t).shape[1] == 1 else _as_images(t)  # noqa: E731
+    fid.update(rgb(ref), real=True)
+    fid.update(rgb(x), real=False)
+    return float(fid.compute())

@@ -22,11 +22,12 @@ from fastdiff.integrations.diffusers import find_parts
 class Workload:
     name: str
     pipe: Any
-    make_kwargs: Callable[[], dict]  # a fresh call (new generators) of `samples` samples
+    make_kwargs: Callable[..., dict]  # (indices=None) -> a fresh call (new generators) for those sample indices
     to_images: Callable[[Any], torch.Tensor]  # pipeline output -> (N, C, H, W) tensor
     trained: bool  # False: random weights, fidelity is not meaningful
     describe: str
     data_range: float | None = None  # None: images in [0, 1]; else the baseline's value range (latents)
+    samples: int = 0
 
 
 def load(name: str, *, samples: int, steps: int, seed: int = 0, guidance: float | None = None) -> Workload:
@@ -34,28 +35,38 @@ def load(name: str, *, samples: int, steps: int, seed: int = 0, guidance: float 
     if reference is not None and name in reference.names():
         pipe = reference.load(name)
         pipe.set_progress_bar_config(disable=True)
-        labels = [i % 10 for i in range(samples)]
         scale = 2.0 if guidance is None else guidance
 
-        def make():
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
-            return dict(class_labels=labels, num_inference_steps=steps, guidance_scale=scale, generator=gens,
-                        output_type="pt")
+        def make(indices=None):
+            # sample i is class i % 10 from generator seed + i, whatever batch it runs in
+            indices = range(samples) if indices is None else indices
+            return dict(class_labels=[i % 10 for i in indices], num_inference_steps=steps, guidance_scale=scale,
+                        generator=[torch.Generator().manual_seed(seed + i) for i in indices], output_type="pt")
 
         return Workload(name, pipe, make, lambda out: out.images, True,
                         f"{name} (trained by fastdiff), {samples} samples (classes 0-9 cycled), {steps} steps, "
-                        f"CFG {scale}")
+                        f"CFG {scale}, DPMSolver++", samples=samples)
     if name in tiny.FAMILIES:
         pipe = tiny.build_pipeline(name)
 
-        def make():
+        def make(indices=None):
+            # the embeddings of all samples are drawn once; a subset takes its rows, so sample i is the same
+            # whatever batch it runs in
+            indices = list(range(samples) if indices is None else indices)
             kw = tiny.pipeline_kwargs(name, batch_size=samples, steps=steps, seed=seed)
-            kw["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
-            return kw
+            out = {}
+            for key, value in kw.items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == samples:
+                    value = value[indices]
+                elif isinstance(value, list) and len(value) == samples:
+                    value = [value[i] for i in indices]
+                out[key] = value
+            out["generator"] = [torch.Generator().manual_seed(seed + i) for i in indices]
+            return out
 
         return Workload(name, pipe, make, tiny.output_tensor, False,
                         f"tiny {name} ({type(find_parts(pipe)[1]).__name__}, seeded RANDOM weights: fidelity "
-                        f"is not meaningful), {samples} samples, {steps} steps")
+                        f"is not meaningful), {samples} samples, {steps} steps", samples=samples)
     known = (reference.names() if reference is not None else []) + list(tiny.FAMILIES)
     raise ValueError(f"unknown workload {name!r}; known: {known}")
 

@@ -26,7 +26,8 @@ from .session import ATTR, Session
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported", "session_of",
+    "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported",
+    "session_of",
     "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout",
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
