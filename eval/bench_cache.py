@@ -99,7 +99,8 @@ def run(args) -> list[dict]:
                     with torch.no_grad():
                         p = fastdiff.plan(wl.pipe, cfg, target=TARGETS[level], call=call)
                     cfg = p.config
-                    note = f"threshold {p.value:.3g} tuned to {TARGETS[level]}x in {p.runs} runs"
+                    note = (f"threshold {p.value:.3g}: {p.speedup:.2f}x FLOPs on the tuning call for a {TARGETS[level]}x "
+                            f"target ({p.runs} runs)")
                 preset = cfg.pop("preset", None) if isinstance(cfg, dict) else None
                 with fastdiff.accelerated(wl.pipe, cfg if cfg else None, preset=preset) as h:
                     timed(wl, 1)
