@@ -68,6 +68,68 @@ class CfgLayout:
 
 
 @dataclass(frozen=True)
+class RopeSpec:
+    """How a submodule receives rotary position embeddings, so token merging can gather them with the tokens.
+
+    Args:
+        arg: name of the argument holding the (cos, sin) pair.
+        seq_dim: dimension of each tensor that runs over token positions.
+        text: "none" — the positions of the image tokens only; "first" — text positions first, then image ones.
+        batch_dim: a broadcast (size-1) batch dimension of the tensors, if they have one: each batch row then
+            gets its own gathered positions in one call. None: the positions are shared by all rows, so rows
+            whose merges differ run one at a time.
+    """
+
+    arg: str
+    seq_dim: int = 0
+    text: str = "none"
+    batch_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenModule:
+    """A submodule of a transformer block that runs on tokens, which token merging may wrap.
+
+    Args:
+        name: attribute of the block ("attn1", "ff"); blocks where it is missing or None are skipped.
+        role: "self_attention", "cross_attention" or "mlp".
+        text: where text tokens are in its `hidden_states`: "none" (image tokens only; a cross-attention's text
+            comes in as keys), "separate" (text in `encoder_hidden_states`, output a tuple with the image tokens
+            at index 0: joint attention), "first" (the block concatenated [text; image] before calling it).
+        kv_arg: argument through which keys/values can come from other tokens than the queries (ToDo passes the
+            pooled image tokens there). None when the module has none, or where pooled keys would be wrong
+            (RoPE rotates keys by their own positions; joint attention projects text and image together).
+        rope: the rotary embeddings the module receives, if any.
+        mask_arg: an attention mask over [image; text] keys (image keys first) that the module receives and
+            whose image part must shrink with the tokens. None: a mask over image keys is not expected there.
+    """
+
+    name: str
+    role: str
+    text: str = "none"
+    kv_arg: str | None = None
+    rope: RopeSpec | None = None
+    mask_arg: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenSite:
+    """Transformer blocks (module paths matching the regex `blocks`) and the token submodules inside them."""
+
+    blocks: str
+    modules: tuple[TokenModule, ...]
+
+
+# diffusers' BasicTransformerBlock (DiT, PixArt, the SD UNets' Transformer2DModel): attn1 takes keys/values from
+# `encoder_hidden_states` when given one, attn2 attends to the text, ff is the MLP; no RoPE.
+BASIC_TRANSFORMER_BLOCK = (
+    TokenModule("attn1", "self_attention", kv_arg="encoder_hidden_states"),
+    TokenModule("attn2", "cross_attention"),
+    TokenModule("ff", "mlp"),
+)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything fastdiff knows about one denoiser family, as data.
 
@@ -89,6 +151,8 @@ class FamilySpec:
         text_position: where text tokens sit in attention (see TokenLayout).
         reruns: paths of modules the denoiser runs once more outside their block (cost model).
         always_compute: blocks -> indices a step-cache must never skip (a UNet's shallow path).
+        attention: where the token submodules (attention, MLP) sit inside the blocks, and how text, RoPE and
+            masks reach them — what token merging needs; empty: merging is not supported for the family.
     """
 
     name: str
@@ -105,6 +169,7 @@ class FamilySpec:
     text_position: str = "none"
     reruns: tuple[str, ...] = ()
     always_compute: Callable[[list], set[int]] | None = None
+    attention: tuple[TokenSite, ...] = ()
 
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:
@@ -202,6 +267,11 @@ def register(spec: FamilySpec) -> FamilySpec:
     for cls in spec.classes:
         _REGISTRY[cls] = spec
     return spec
+
+
+def specs() -> list[FamilySpec]:
+    """Every registered FamilySpec, once each."""
+    return list({id(s): s for s in _REGISTRY.values()}.values())
 
 
 def supported() -> dict[str, list[str]]:

@@ -1,7 +1,18 @@
 """CogVideoXTransformer3DModel: blocks with full attention over [text, video] tokens."""
 
 from ..context import UNCOND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+from .base import (
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    RopeSpec,
+    TokenModule,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -24,4 +35,10 @@ SPEC = register(FamilySpec(
                ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")},
     text_tokens=226,
     text_position="first",
+    # attn1 takes video tokens and text separately (the processor concatenates [text; video]) with RoPE over
+    # the video positions only (None for CogVideoX-2b); the block concatenates [text; video] before ff.
+    attention=(TokenSite(r"^transformer_blocks\.\d+$", (
+        TokenModule("attn1", "self_attention", text="separate", rope=RopeSpec("image_rotary_emb", 0, "none")),
+        TokenModule("ff", "mlp", text="first"),
+    )),),
 ))

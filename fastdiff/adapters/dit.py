@@ -1,7 +1,17 @@
 """DiTTransformer2DModel (class-conditional DiT): one list of BasicTransformerBlocks, no text tokens."""
 
 from ..context import COND, UNCOND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+from .base import (
+    BASIC_TRANSFORMER_BLOCK,
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -28,4 +38,5 @@ SPEC = register(FamilySpec(
     row_branches=_rows,
     # the final layer re-embeds (timestep, class) with the first block's embedder
     reruns=("transformer_blocks.0.norm1.emb",),
+    attention=(TokenSite(r"^transformer_blocks\.\d+$", BASIC_TRANSFORMER_BLOCK),),
 ))

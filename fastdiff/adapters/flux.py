@@ -1,7 +1,7 @@
 """FluxTransformer2DModel: double-stream blocks, then single-stream blocks over [text, image] tokens."""
 
 from ..context import COND, TokenLayout
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, register
+from .base import BlockList, CfgLayout, FamilySpec, IOPattern, RopeSpec, TokenModule, TokenSite, register
 
 
 def _grid(cfg, f, h, w):
@@ -41,4 +41,16 @@ SPEC = register(FamilySpec(
                ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")},
     text_tokens=512,
     text_position="first",
+    # RoPE (cos, sin), each (text + image positions, dim), covers [text; image]. Double blocks pass text and image
+    # separately; single blocks concatenate [text; image] before attention (their MLP is a bare Linear on the
+    # joint sequence, outside any wrappable submodule, so only their attention is merged).
+    attention=(
+        TokenSite(r"^transformer_blocks\.\d+$", (
+            TokenModule("attn", "self_attention", text="separate", rope=RopeSpec("image_rotary_emb", 0, "first")),
+            TokenModule("ff", "mlp"),
+        )),
+        TokenSite(r"^single_transformer_blocks\.\d+$", (
+            TokenModule("attn", "self_attention", text="first", rope=RopeSpec("image_rotary_emb", 0, "first")),
+        )),
+    ),
 ))

@@ -1,7 +1,18 @@
 """HunyuanVideoTransformer3DModel: double-stream then single-stream blocks over [video, text] tokens."""
 
 from ..context import COND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+from .base import (
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    RopeSpec,
+    TokenModule,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -28,4 +39,13 @@ SPEC = register(FamilySpec(
     pipelines={"HunyuanVideoPipeline": CfgLayout("separate", COND, flag=None)},
     text_tokens=256,
     text_position="last",
+    # Both block kinds call attention with video tokens and text separately (keys [video; text]), RoPE over the
+    # video positions, and a (batch, 1, 1, video + text) key mask. The single blocks' MLP is a bare Linear on
+    # the joint sequence outside any wrappable submodule: only their attention is merged.
+    attention=tuple(TokenSite(blocks, (
+        TokenModule("attn", "self_attention", text="separate", rope=RopeSpec("image_rotary_emb", 0, "none"),
+                    mask_arg="attention_mask"),
+        *extra,
+    )) for blocks, extra in ((r"^transformer_blocks\.\d+$", (TokenModule("ff", "mlp"),)),
+                             (r"^single_transformer_blocks\.\d+$", ()))),
 ))

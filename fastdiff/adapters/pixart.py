@@ -1,7 +1,17 @@
 """PixArtTransformer2DModel (PixArt-α/Σ): BasicTransformerBlocks with text as cross-attention keys."""
 
 from ..context import UNCOND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+from .base import (
+    BASIC_TRANSFORMER_BLOCK,
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -18,4 +28,5 @@ SPEC = register(FamilySpec(
     pipelines={name: CfgLayout("batched", UNCOND) for name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline")},
     text_tokens=300,
     text_position="cross",
+    attention=(TokenSite(r"^transformer_blocks\.\d+$", BASIC_TRANSFORMER_BLOCK),),
 ))

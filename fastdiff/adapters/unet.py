@@ -3,7 +3,7 @@
 import re
 
 from ..context import UNCOND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, register, tensor_layout
+from .base import BASIC_TRANSFORMER_BLOCK, BlockList, CfgLayout, FamilySpec, IOPattern, TokenSite, register, tensor_layout
 
 
 def _grid(cfg, f, h, w):
@@ -52,4 +52,6 @@ SPEC = register(FamilySpec(
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")},
     text_tokens=77,
     text_position="cross",
+    # the BasicTransformerBlocks inside each level's Transformer2DModel (`attentions.i.transformer_blocks.j`)
+    attention=(TokenSite(r"\.transformer_blocks\.\d+$", BASIC_TRANSFORMER_BLOCK),),
 ))

@@ -1,7 +1,18 @@
 """WanTransformer3DModel (Wan 2.x video): blocks with self-attention over frames×h×w, text cross-attention."""
 
 from ..context import COND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, patch_grid, register, tensor_layout
+from .base import (
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    RopeSpec,
+    TokenModule,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -22,4 +33,10 @@ SPEC = register(FamilySpec(
     pipelines={name: CfgLayout("separate", COND, flag=None) for name in ("WanPipeline", "WanImageToVideoPipeline")},
     text_tokens=512,
     text_position="cross",
+    # RoPE (cos, sin), each (1, video positions, 1, dim): a broadcast batch dim, so per-row gathers batch.
+    attention=(TokenSite(r"^blocks\.\d+$", (
+        TokenModule("attn1", "self_attention", rope=RopeSpec("rotary_emb", seq_dim=1, batch_dim=0)),
+        TokenModule("attn2", "cross_attention"),
+        TokenModule("ffn", "mlp"),
+    )),),
 ))
