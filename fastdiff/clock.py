@@ -17,13 +17,15 @@ from .context import StepContext, TokenLayout
 
 @dataclass
 class CallRecord:
-    """What one denoiser call was, which blocks ran with how many tokens (telemetry), and what each
-    mechanism decided for it (e.g. {"cache": "reuse", "guidance": "skip-uncond"})."""
+    """What one denoiser call was, which blocks ran with how many tokens (telemetry), what each mechanism
+    decided for it (e.g. {"cache": "reuse", "guidance": "skip-uncond"}), and which submodules ran on fewer
+    tokens (token merging: module path -> cost-model Reduction), so that its FLOPs are accounted as run."""
 
     ctx: StepContext
     blocks: dict[int, int] = field(default_factory=dict)
     decisions: dict[str, str] = field(default_factory=dict)
     dense_rows: int | None = None  # rows the dense model would have run, when a mechanism ran fewer
+    reductions: dict[str, Any] = field(default_factory=dict)
 
 
 def _timestep(value: Any) -> float:

@@ -64,6 +64,8 @@ class Summary:
             if cost is not None:
                 per = cost.block_flops(ctx.layout)
                 dense = (rec.dense_rows or ctx.batch_size) * sum(per)
+                if rec.reductions:  # submodules that ran on fewer tokens (merging) are priced as they ran
+                    per = cost.block_flops(ctx.layout, rec.reductions)
                 ran = rec.blocks.keys() if tracked else range(len(blocks))
                 flops = ctx.batch_size * (per[-1] + sum(per[i] for i in ran))
                 total += flops

@@ -5,6 +5,10 @@ Walking the denoiser once, each nn.Linear / nn.ConvNd becomes a term "coef × to
 attention module (anything with `to_q`/`to_k` linears) a term "4 × Nq × Nk × inner width". Elementwise
 ops and norms are left out, as torch's FlopCounterMode leaves them out. Evaluation is pure arithmetic,
 so the planner can price any resolution, text length or token/sparsity reduction without running.
+
+Token reductions (merging) are priced per submodule: `block_flops(layout, {path: Reduction(...)})` counts
+every term under `path` at the reduced number of image tokens — queries and per-token layers at
+`Reduction.query`, key/value projections and attention keys at `Reduction.keys` — plus `Reduction.extra`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ import torch
 from ..adapters.base import GLOBAL, IMAGE, JOINT, TEXT, BlockAdapter
 from ..context import TokenLayout
 from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The image tokens one submodule runs on per sample, instead of the full grid at its level.
+
+    Args:
+        query: image tokens its queries and per-token layers (projections, MLP) see.
+        keys: image tokens its keys and values come from (`to_k`/`to_v` inputs, attention keys).
+        extra: FLOPs spent on top for the reduction itself (e.g. the similarity matmul of a token matching).
+    """
+
+    query: int
+    keys: int
+    extra: float = 0.0
+
+
+KV_PROJECTIONS = (".to_k", ".to_v")  # linears that see the keys' tokens (ToDo pools only these)
 
 
 @dataclass(frozen=True)
@@ -44,16 +66,22 @@ class Term:
     kv_streams: tuple[str, ...] = ()
 
 
-def tokens(stream: str, layout: TokenLayout, level: int = 0) -> int:
-    """Number of rows a layer on `stream` processes per sample."""
+def level_grid(grid: tuple[int, int, int], level: int) -> tuple[int, int, int]:
+    """The token grid at UNet resolution level `level` (0 = the latent grid)."""
+    f, h, w = grid
+    for _ in range(level):  # stride-2 convs with padding 1 round up
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return f, h, w
+
+
+def tokens(stream: str, layout: TokenLayout, level: int = 0, image: int | None = None) -> int:
+    """Number of rows a layer on `stream` processes per sample; `image` overrides the image tokens (merging)."""
     if stream == GLOBAL:
         return 1
     if stream == TEXT:
         return layout.text_tokens
-    f, h, w = layout.grid
-    for _ in range(level):  # stride-2 convs with padding 1 round up
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    image = f * h * w
+    if image is None:
+        image = math.prod(level_grid(layout.grid, level))
     return image + layout.text_tokens if stream == JOINT else image
 
 
@@ -63,6 +91,7 @@ class CostModel:
 
     adapter: BlockAdapter
     terms: list[Term] = field(default_factory=list)
+    _under_cache: dict[str, list[Term]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         spec = self.adapter.spec
@@ -92,20 +121,46 @@ class CostModel:
         self.terms += [dataclasses.replace(t, block=None) for t in self.terms
                        if any(t.path.startswith(p) for p in spec.reruns)]
 
-    def term_flops(self, term: Term, layout: TokenLayout) -> float:
-        """FLOPs of one term for one sample."""
+    def term_flops(self, term: Term, layout: TokenLayout, reduction: Reduction | None = None) -> float:
+        """FLOPs of one term for one sample (with its submodule's token reduction, if any)."""
+        q = k = None
+        if reduction is not None:
+            q, k = reduction.query, reduction.keys
         if term.kind == "attention":
-            nq = sum(tokens(s, layout, term.level) for s in term.q_streams)
-            nk = sum(tokens(s, layout, term.level) for s in term.kv_streams)
+            nq = sum(tokens(s, layout, term.level, q) for s in term.q_streams)
+            nk = sum(tokens(s, layout, term.level, k) for s in term.kv_streams)
             return term.coef * nq * nk
-        return term.coef * tokens(term.stream, layout, term.level)
+        image = k if term.path.endswith(KV_PROJECTIONS) else q
+        return term.coef * tokens(term.stream, layout, term.level, image)
 
-    def block_flops(self, layout: TokenLayout) -> list[float]:
-        """FLOPs of each adapter block for one sample; the last entry is everything outside blocks."""
+    def block_flops(self, layout: TokenLayout, reductions: dict[str, Reduction] | None = None) -> list[float]:
+        """FLOPs of each adapter block for one sample; the last entry is everything outside blocks.
+
+        `reductions` maps submodule paths to the tokens they ran on instead (token merging); every term under
+        such a path is priced at those, and the reduction's `extra` is charged to the submodule's block.
+        """
         out = [0.0] * (len(self.adapter.blocks) + 1)
         for term in self.terms:
             out[-1 if term.block is None else term.block] += self.term_flops(term, layout)
+        for path, reduction in (reductions or {}).items():
+            for term in self._under(path):
+                col = -1 if term.block is None else term.block
+                out[col] += self.term_flops(term, layout, reduction) - self.term_flops(term, layout)
+            out[self.block_of(path)] += reduction.extra
         return out
+
+    def block_of(self, path: str) -> int:
+        """Column of `block_flops` that module `path` is charged to (-1: outside blocks)."""
+        for block in self.adapter.blocks:
+            if path == block.path or path.startswith(block.path + "."):
+                return block.index
+        return -1
+
+    def _under(self, path: str) -> list[Term]:
+        """The terms of module `path` and its children (memoised: summaries ask per call)."""
+        if path not in self._under_cache:
+            self._under_cache[path] = [t for t in self.terms if t.path == path or t.path.startswith(path + ".")]
+        return self._under_cache[path]
 
     def call_flops(self, layout: TokenLayout, batch: int = 1) -> float:
         """Dense FLOPs of one denoiser call on `batch` samples."""
