@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import adapters
-from .config import CacheConfig, FastDiffConfig, GuidanceConfig, TelemetryConfig
+from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, dense_table
 from .cost.model import CostModel
@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported",
     "session_of",
-    "FastDiffConfig", "TelemetryConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext", "TokenLayout",
+    "FastDiffConfig", "TelemetryConfig", "MergeConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext",
+    "TokenLayout",
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 
@@ -142,5 +143,6 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: i
     dense = dense_table(model, layout, steps, 2 if cfg else 1, batch)
     table = dense
     for mechanism in _mechanisms.build(config):
+        mechanism.validate(adapter)  # what apply() would refuse, estimate refuses too
         table = mechanism.estimate_cost(table)
     return Estimate(table.flops, dense.flops, layout, steps, dense.calls_per_step, batch)

@@ -160,8 +160,98 @@ class GuidanceConfig:
 
 GUIDANCE_MODES = ("step", "converged")
 
+@dataclass
+class MergeConfig:
+    """Token merging inside blocks: attention (and optionally MLP) submodules run on fewer image tokens.
+
+    Args:
+        method: "tome" — ToMe-SD bipartite soft matching: before each targeted submodule, `ratio` of the image
+            tokens are merged (averaged) into their most similar destination tokens, and after it every merged
+            token gets its destination's output back; "todo" — ToDo: self-attention keeps every query and takes
+            its keys/values from the image tokens average-pooled `factor`×`factor` on the grid.
+        ratio: tome: fraction of the image tokens merged away (at most what the sx×sy destinations allow);
+            0 merges nothing and is bit-identical to no merging.
+        sx, sy: tome: one destination token per sx×sy cell of the token grid (of each frame).
+        random: tome: pick each cell's destination at random (seeded, so runs are reproducible) rather than
+            its first token.
+        seed: tome: seed of the random destination choice (mixed with the step and the level).
+        targets: tome: which submodules merge around themselves: "self_attention", "cross_attention", "mlp".
+            ToDo applies to self-attention only.
+        max_downsample: UNets: merge at the levels whose downsampling, relative to the finest level that has
+            attention, is at most this (1, 2, 4 or 8): 1 = only the finest attention level (tomesd's default on
+            SD1.x; on SDXL, whose full-resolution level has no attention, the 2x level). Transformers have one
+            level.
+        start, stop: merging runs in the steps from fraction `start` of the run up to (not including) fraction
+            `stop`; e.g. stop=0.8 leaves the last fifth of the steps unmerged. A bare denoiser called without a
+            scheduler does not know its step count: there merging runs on every call.
+        ratio_end: tome: when set, the ratio goes linearly from `ratio` at `start` to `ratio_end` at `stop`
+            (e.g. ratio=0.6, ratio_end=0.2: more merging early, when the layout forms).
+        depth: which blocks merge: "all", or the "first" / "last" `depth_fraction` of the blocks that have token
+            submodules (in execution order, after the `max_downsample` rule).
+        depth_fraction: fraction of those blocks for depth "first" / "last".
+        factor: todo: key/value pooling factor along height and width (keys: about 1/factor² of the tokens).
+    """
+
+    method: str = "tome"
+    ratio: float = 0.5
+    sx: int = 2
+    sy: int = 2
+    random: bool = True
+    seed: int = 0
+    targets: list[str] = field(default_factory=lambda: ["self_attention"])
+    max_downsample: int = 1
+    start: float = 0.0
+    stop: float = 1.0
+    ratio_end: float | None = None
+    depth: str = "all"
+    depth_fraction: float = 0.5
+    factor: int = 2
+
+    def validate(self) -> None:
+        _require(self.method in MERGE_METHODS, f"merge.method must be one of {MERGE_METHODS}, got {self.method!r}")
+        for name in ("ratio", "ratio_end"):
+            value = getattr(self, name)
+            _require(value is None or 0 <= value < 1, f"merge.{name} must be in [0, 1), got {value}")
+        _require(0 <= self.seed < 2**31, f"merge.seed must be in [0, 2**31), got {self.seed}")
+        for name in ("sx", "sy"):
+            _require(1 <= getattr(self, name) <= 16, f"merge.{name} must be in [1, 16], got {getattr(self, name)}")
+        _require(self.sx * self.sy >= 2, "merge.sx * merge.sy must be >= 2: each destination needs a cell of tokens")
+        _require(len(self.targets) >= 1 and all(t in MERGE_TARGETS for t in self.targets),
+                 f"merge.targets must be a non-empty list of {MERGE_TARGETS}, got {self.targets!r}")
+        _require(len(set(self.targets)) == len(self.targets), f"merge.targets repeats an entry: {self.targets!r}")
+        _require(self.max_downsample in (1, 2, 4, 8),
+                 f"merge.max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
+        _require(0 <= self.start < self.stop <= 1, f"merge needs 0 <= start < stop <= 1, got start={self.start}, "
+                                                   f"stop={self.stop}")
+        _require(self.depth in MERGE_DEPTHS, f"merge.depth must be one of {MERGE_DEPTHS}, got {self.depth!r}")
+        _require(0 < self.depth_fraction <= 1, f"merge.depth_fraction must be in (0, 1], got {self.depth_fraction}")
+        _require(2 <= self.factor <= 16, f"merge.factor must be in [2, 16], got {self.factor}")
+        if self.method == "todo":
+            _require(self.targets == ["self_attention"],
+                     "merge.method 'todo' pools the keys/values of self-attention only: targets must be ['self_attention']")
+
+    def strify(self) -> str:
+        if self.method == "todo":
+            head = f"todo,f{self.factor}"
+        else:
+            ramp = "" if self.ratio_end is None else f"-{self.ratio_end:g}"
+            short = {"self_attention": "sa", "cross_attention": "ca", "mlp": "mlp"}
+            head = (f"tome,r{self.ratio:g}{ramp},{self.sx}x{self.sy}{'' if self.random else ',fixed'},"
+                    + "+".join(short[t] for t in self.targets))
+        sched = "" if (self.start, self.stop) == (0.0, 1.0) else f",s{self.start:g}-{self.stop:g}"
+        depth = "" if self.depth == "all" else f",{self.depth}{self.depth_fraction:g}"
+        md = "" if self.max_downsample == 1 else f",md{self.max_downsample}"
+        return f"merge[{head}{md}{sched}{depth}]"
+
+
+MERGE_METHODS = ("tome", "todo")
+MERGE_TARGETS = ("self_attention", "cross_attention", "mlp")
+MERGE_DEPTHS = ("all", "first", "last")
+
 # Sections in the order mechanisms attach (innermost first). Mechanism issues add their section here.
-SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "cache": CacheConfig, "guidance": GuidanceConfig}
+# Merging sits inside caching, so a block the cache stands in for never runs its merge hooks (and pays nothing).
+SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "merge": MergeConfig, "cache": CacheConfig,
+                             "guidance": GuidanceConfig}
 
 
 @dataclass
@@ -170,6 +260,7 @@ class FastDiffConfig:
 
     Args:
         telemetry: per-call bookkeeping behind `summary()`; costs a few Python operations per block.
+        merge: token merging (ToMe / ToDo) inside blocks; None = off.
         cache: block caching across steps; None = off.
         guidance: skipping the unconditional CFG branch late in sampling; None = off.
         families: per-family section overrides, {family: {section: {key: value}}}, applied when the model's
@@ -178,6 +269,7 @@ class FastDiffConfig:
     """
 
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    merge: MergeConfig | None = None
     cache: CacheConfig | None = None
     guidance: GuidanceConfig | None = None
     families: dict = field(default_factory=dict)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from ..config import SECTIONS, FastDiffConfig
 from .base import Mechanism
 from .caching import GuidanceSkip, StepCache
+from .merging import TokenMerge
 from .telemetry import Telemetry
 
-MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "cache": StepCache, "guidance": GuidanceSkip}
+MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "merge": TokenMerge, "cache": StepCache,
+                                          "guidance": GuidanceSkip}
 assert set(MECHANISMS) == set(SECTIONS), "every config section needs its mechanism"
 
 

@@ -1,0 +1,5 @@
+"""Token merging: ToMe-SD bipartite soft matching and ToDo key/value pooling around token submodules."""
+
+from .merge import TokenMerge
+
+__all__ = ["TokenMerge"]

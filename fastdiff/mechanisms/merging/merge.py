@@ -1,0 +1,366 @@
+"""Token merging inside blocks: ToMe-SD merge/unmerge or ToDo key/value pooling around token submodules.
+
+Which submodules: the family's `FamilySpec.attention` data (`sites.py`), filtered by `targets`, the UNet level
+rule (`max_downsample`) and the depth rule. Each one's forward is wrapped with a named hook — no block forward
+is copied:
+
+- tome: the image tokens of `hidden_states` are merged before the submodule and its output unmerged after it.
+  Text tokens are never merged: joint attention gets the text in `encoder_hidden_states` untouched (only the
+  image output, `out[0]`, is unmerged); where the block concatenated [text; image] first, only the image part
+  is merged. RoPE is gathered with the same indices as the tokens (a merged token keeps its destination's
+  position), and so is the image part of a key mask.
+- todo: self-attention gets the image tokens pooled factor×factor as its key/value input; every query stays,
+  nothing is unmerged.
+
+One matching per (denoiser call, step, token grid) — i.e. per UNet level — is computed at the first merged
+submodule of that grid from its input, and shared by every other submodule on the grid in that call (state in
+the run state's per-call slot). Merging attaches inside caching: a block the cache stands in for never calls
+its submodules, so it pays nothing. Every submodule that ran on fewer tokens is recorded on the call
+(`CallRecord.reductions`), which `summary()` prices with the cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ...adapters.base import RopeSpec, specs
+from ...cost.model import Reduction, level_grid
+from ...errors import FastDiffError, UnsupportedModelError
+from ..base import Mechanism
+from . import sites as _sites
+from . import todo as _todo
+from . import tome as _tome
+
+
+@dataclass
+class Plan:
+    """How one token grid is reduced in one call: shared by the submodules on that grid."""
+
+    grid: tuple[int, int, int]
+    n: int  # image tokens on the grid
+    query: int  # image tokens the submodules' queries (and MLPs) run on
+    keys: int  # image tokens keys/values come from
+    extra: float = 0.0  # FLOPs of computing the matching, charged to the first submodule that records
+    merge: Callable | None = None
+    unmerge: Callable | None = None
+    kept: torch.Tensor | None = None  # (B, query) original index each merged row stands for (tome)
+
+
+@dataclass
+class CallState:
+    record: Any = None  # the CallRecord the plans belong to
+    plans: dict[tuple[int, int, int], Plan | None] = field(default_factory=dict)
+
+
+class TokenMerge(Mechanism):
+    name = "merge"
+
+    # -- which submodules ---------------------------------------------------------------------------
+    def sites(self, adapter) -> list[_sites.Site]:
+        """The submodules this config merges around, in execution order (pure: nothing is modified)."""
+        c = self.config
+        found = _sites.find(adapter)
+        if c.method == "todo":
+            chosen = [s for s in found if s.spec.role == "self_attention" and s.spec.kv_arg]
+        else:
+            chosen = [s for s in found if s.spec.role in c.targets]
+        if not chosen:
+            return []
+        finest = min(s.level for s in found)  # the finest level that has attention at all
+        chosen = [s for s in chosen if 2 ** (s.level - finest) <= c.max_downsample]
+        owners = list(dict.fromkeys(s.owner for s in chosen))  # transformer blocks, in execution order
+        if c.depth != "all":
+            k = max(1, round(c.depth_fraction * len(owners)))
+            keep = set(owners[:k] if c.depth == "first" else owners[-k:])
+            chosen = [s for s in chosen if s.owner in keep]
+        return chosen
+
+    def _ratio(self, step: int, num_steps: int | None) -> float:
+        """Merge ratio at this step; 0 where the schedule leaves it unmerged (todo: > 0 means active)."""
+        c = self.config
+        ratio = c.ratio if c.method == "tome" else 1.0
+        if num_steps is None:  # a bare denoiser without a scheduler: the schedule cannot be read
+            return ratio
+        first, last = round(c.start * num_steps), round(c.stop * num_steps)
+        if not first <= step < last:
+            return 0.0
+        if c.ratio_end is None or c.method != "tome":
+            return ratio
+        return c.ratio + (c.ratio_end - c.ratio) * (step - first) / max(1, last - 1 - first)
+
+    # -- Mechanism ----------------------------------------------------------------------------------
+    def validate(self, adapter) -> None:
+        c, model, family = self.config, type(adapter.denoiser).__name__, adapter.name
+        tome_ok = sorted(s.name for s in specs() if s.attention and s.layout is not None)
+        todo_ok = sorted(s.name for s in specs() if any(m.kv_arg for site in s.attention for m in site.modules))
+        if adapter.spec.layout is None or not adapter.spec.attention:
+            raise UnsupportedModelError(
+                f"{model}: token merging needs the token grid and the attention/MLP submodules of its blocks, which "
+                f"the '{family}' adapter does not describe. Supported families: {tome_ok} (method 'todo': {todo_ok}).")
+        if self.sites(adapter):
+            return
+        if c.method == "todo":
+            raise UnsupportedModelError(
+                f"{model}: merge method 'todo' pools the keys/values of self-attention, and the '{family}' family's "
+                "self-attention cannot take them apart from its queries (joint text-image projection or RoPE on the "
+                f"keys would make pooled keys wrong). ToDo supports: {todo_ok}; use method 'tome' (supports: {tome_ok}).")
+        roles = sorted({s.spec.role for s in _sites.find(adapter)})
+        raise UnsupportedModelError(
+            f"{model}: merge targets {c.targets} with depth '{c.depth}' select no submodule of the '{family}' family "
+            f"(it has: {roles}). Pick targets among those.")
+
+    def estimate_cost(self, table):
+        """Exact for every schedule: the token counts depend on the grid and the step only."""
+        chosen = self.sites(table.model.adapter)
+        steps = len(table.rows) // table.calls_per_step
+        dense = table.model.block_flops(table.layout)
+        reduced: dict[float, list[float]] = {}
+        rows = []
+        for i, row in enumerate(table.rows):
+            ratio = self._ratio(i // table.calls_per_step, steps)
+            if ratio <= 0:
+                rows.append(row)
+                continue
+            if ratio not in reduced:
+                reduced[ratio] = table.model.block_flops(table.layout, self.reductions(chosen, table.layout, ratio))
+            per = reduced[ratio]
+            rows.append([v * per[b] / dense[b] if dense[b] else v for b, v in enumerate(row)])
+        return table.with_rows(rows)
+
+    def reductions(self, chosen, layout, ratio: float) -> dict[str, Reduction]:
+        """Submodule path -> tokens it runs on at `ratio` on `layout` (what a call records), pure arithmetic."""
+        c = self.config
+        out, matched = {}, set()
+        for s in chosen:
+            grid = level_grid(layout.grid, s.level)
+            n = math.prod(grid)
+            if c.method == "todo":
+                out[s.path] = Reduction(n, math.prod(_todo.pooled_grid(grid, c.factor)))
+                continue
+            r = _tome.merged_count(grid, ratio, c.sx, c.sy)
+            if r == 0:
+                continue
+            extra = 0.0
+            if grid not in matched:  # the similarity matmul, once per grid: sources × destinations × channels
+                matched.add(grid)
+                n_src = _tome.max_merged(grid, c.sx, c.sy)
+                extra = 2.0 * n_src * (n - n_src) * _sites.width(s.module)
+            out[s.path] = Reduction(n - r, n - r, extra)
+        return out
+
+    def attach(self, adapter, session):
+        self.session = session
+        self.adapter = adapter
+        for site in self.sites(adapter):
+            hook = self._todo_hook(site) if self.config.method == "todo" else self._tome_hook(site)
+            session.hooks.wrap(site.module, f"fastdiff.merge.{site.path}", hook)
+
+    def make_state(self) -> CallState:
+        return CallState()
+
+    def report(self) -> dict:
+        records = self.session.records if self.session is not None else []
+        merged = [r for r in records if r.reductions]
+        return {"method": self.config.method, "calls_merged": len(merged), "calls": len(records),
+                "submodules": max((len(r.reductions) for r in merged), default=0)}
+
+    # -- per call -----------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def _plan(self, site, image: torch.Tensor) -> Plan | None:
+        """This call's plan for the site's token grid (computed by the first submodule on it); None: unmerged."""
+        rec = self.session.current_record
+        if rec is None:  # called outside a denoiser call (e.g. by the user): leave it alone
+            return None
+        ctx = rec.ctx
+        st: CallState = self.session.state.slot(self.name, ctx.call, self.make_state)
+        if st.record is not rec:
+            st.record, st.plans = rec, {}
+        grid = level_grid(ctx.layout.grid, site.level)
+        if grid in st.plans:
+            return st.plans[grid]
+        n = math.prod(grid)
+        if image.shape[1] != n:
+            raise FastDiffError(
+                f"token merging: {site.path} got {image.shape[1]} image tokens, but the call's token grid at its level "
+                f"is {grid} ({n} tokens); the '{self.adapter.name}' adapter's layout does not describe this input")
+        c = self.config
+        ratio = self._ratio(ctx.step, ctx.num_steps)
+        plan = None
+        if ratio > 0 and c.method == "todo":
+            plan = Plan(grid, n, n, math.prod(_todo.pooled_grid(grid, c.factor)))
+        elif ratio > 0:
+            r = _tome.merged_count(grid, ratio, c.sx, c.sy)
+            if r > 0:
+                gen = torch.Generator().manual_seed(_seed(c.seed, ctx.step, grid)) if c.random else None
+                m = _tome.match(image, grid, r, c.sx, c.sy, gen)
+                merge, unmerge = _tome.merge_pair(m)
+                n_src = _tome.max_merged(grid, c.sx, c.sy)
+                extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
+                plan = Plan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept)
+        st.plans[grid] = plan
+        if plan is not None:
+            label = "kv " if c.method == "todo" else ""
+            rec.decisions[self.name] = label + ",".join(f"{p.n}>{p.keys if c.method == 'todo' else p.query}"
+                                                        for p in st.plans.values() if p is not None)
+        return plan
+
+    @torch.compiler.disable
+    def _record(self, site, plan: Plan) -> None:
+        rec = self.session.current_record
+        rec.reductions[site.path] = Reduction(plan.query, plan.keys, plan.extra)
+        plan.extra = 0.0  # the matching is charged once per grid
+
+    def _tome_hook(self, site):
+        args_of = _sites.Args(site.module)
+        spec = site.spec
+
+        def merged(inner, args, kwargs):
+            hidden = args_of.get(args, kwargs, "hidden_states")
+            n_img = self._image_tokens(site, hidden)
+            image = hidden if spec.text != "first" else hidden[:, hidden.shape[1] - n_img:]
+            plan = self._plan(site, image)
+            if plan is None:
+                return inner(*args, **kwargs)
+            n_text = hidden.shape[1] - n_img if spec.text == "first" else 0
+            x = plan.merge(image)
+            if n_text:
+                x = torch.cat([hidden[:, :n_text], x], dim=1)
+            args, kwargs = args_of.set(args, kwargs, "hidden_states", x)
+            args, kwargs = self._shrink_mask(site, args_of, args, kwargs, plan)
+            rope = args_of.get(args, kwargs, spec.rope.arg) if spec.rope is not None else None
+            batch = hidden.shape[0]
+            if rope is not None and spec.rope.batch_dim is None and batch > 1:
+                out = _per_row(inner, args_of, args, kwargs, batch, spec.rope, rope, plan)
+            else:
+                if rope is not None:
+                    args, kwargs = args_of.set(args, kwargs, spec.rope.arg, _gather_rope(rope, spec.rope, plan))
+                out = inner(*args, **kwargs)
+            self._record(site, plan)
+            return self._unmerge(site, out, plan, n_text)
+
+        return merged
+
+    def _todo_hook(self, site):
+        args_of = _sites.Args(site.module)
+        kv_arg = site.spec.kv_arg
+
+        def pooled(inner, args, kwargs):
+            hidden = args_of.get(args, kwargs, "hidden_states")
+            if args_of.get(args, kwargs, kv_arg) is not None:  # attending to other tokens here: not self-attention
+                return inner(*args, **kwargs)
+            plan = self._plan(site, hidden)
+            if plan is None:
+                return inner(*args, **kwargs)
+            self._no_image_mask(site, args_of, args, kwargs)
+            args, kwargs = args_of.set(args, kwargs, kv_arg, _todo.pool(hidden, plan.grid, self.config.factor))
+            out = inner(*args, **kwargs)
+            self._record(site, plan)
+            return out
+
+        return pooled
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _image_tokens(self, site, hidden: torch.Tensor) -> int:
+        rec = self.session.current_record
+        if rec is None or rec.ctx.layout is None:
+            return hidden.shape[1]
+        return math.prod(level_grid(rec.ctx.layout.grid, site.level))
+
+    def _shrink_mask(self, site, args_of, args, kwargs, plan: Plan):
+        """A key mask over [image; text] loses the merged image keys; a mask over image keys nothing knows
+        how to shrink is refused rather than silently misapplied."""
+        spec = site.spec
+        if spec.mask_arg is None:
+            if spec.role == "self_attention":
+                self._no_image_mask(site, args_of, args, kwargs)
+            return args, kwargs
+        mask = args_of.get(args, kwargs, spec.mask_arg)
+        if mask is None:
+            return args, kwargs
+        image, rest = mask[..., : plan.n], mask[..., plan.n:]
+        b, n_out = plan.kept.shape
+        image = image.expand(b, *image.shape[1:])
+        index = plan.kept.view(b, *([1] * (image.ndim - 2)), n_out).expand(*image.shape[:-1], n_out)
+        rest = rest.expand(b, *rest.shape[1:])
+        return args_of.set(args, kwargs, spec.mask_arg, torch.cat([image.gather(-1, index), rest], dim=-1))
+
+    def _no_image_mask(self, site, args_of, args, kwargs) -> None:
+        if args_of.get(args, kwargs, "attention_mask") is not None:
+            raise FastDiffError(
+                f"token merging: {site.path} was given an attention mask over its image tokens, which the "
+                f"'{self.adapter.name}' adapter does not say how to shrink with them. Drop the mask or the merge section.")
+
+    def _unmerge(self, site, out, plan: Plan, n_text: int):
+        text = site.spec.text
+        if text == "separate":
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise FastDiffError(
+                    f"token merging: {site.path} returned {type(out).__name__}"
+                    f"{f' of {len(out)}' if isinstance(out, tuple) else ''}, not the (image, text) pair the "
+                    f"'{self.adapter.name}' adapter describes (a custom attention processor, e.g. IP-Adapter?)")
+            return (plan.unmerge(out[0]), out[1])
+        if text == "first":
+            return torch.cat([out[:, :n_text], plan.unmerge(out[:, n_text:])], dim=1)
+        return plan.unmerge(out)
+
+
+def _seed(seed: int, step: int, grid: tuple[int, int, int]) -> int:
+    """One seed per (config seed, step, grid): the same destinations in every call of a step, any call order."""
+    f, h, w = grid
+    return (seed * 1_000_003 + step * 8_191 + (f * 131 + h) * 65_537 + w) % 2**63
+
+
+def _gather_rope(rope, spec: RopeSpec, plan: Plan, row: int | None = None):
+    """The (cos, sin) pair at the merged tokens' positions (their destinations'); text positions unchanged.
+
+    `row`: only that batch row's positions (for rows run one at a time); else every row's, along the
+    broadcast batch dimension the spec names.
+    """
+    kept = plan.kept if row is None else plan.kept[row: row + 1]
+    return tuple(_gather_positions(t, spec, kept, plan.n) for t in rope)
+
+
+def _gather_positions(t: torch.Tensor, spec: RopeSpec, kept: torch.Tensor, n: int) -> torch.Tensor:
+    seq = spec.seq_dim
+    offset = t.shape[seq] - n if spec.text == "first" else 0
+    if offset < 0 or (spec.text == "none" and t.shape[seq] != n):
+        raise FastDiffError(f"token merging: RoPE tensor of shape {tuple(t.shape)} does not cover the {n} image tokens")
+    image = t.narrow(seq, offset, n)
+    text = t.narrow(seq, 0, offset)
+    if spec.batch_dim is None:
+        gathered = image.index_select(seq, kept[0])
+    else:
+        b, n_out = kept.shape
+        shape = list(image.shape)
+        shape[spec.batch_dim] = b
+        image = image.expand(shape)
+        text = text.expand(shape[:seq] + [offset] + shape[seq + 1:])
+        view = [1] * image.ndim
+        view[spec.batch_dim], view[seq] = b, n_out
+        shape[seq] = n_out
+        gathered = image.gather(seq, kept.reshape(view).expand(shape))
+    return torch.cat([text, gathered], dim=seq) if offset else gathered
+
+
+def _per_row(inner, args_of, args, kwargs, batch: int, spec: RopeSpec, rope, plan: Plan):
+    """Run the submodule one batch row at a time: RoPE tensors without a batch dimension cannot carry per-row
+    positions, and every row has its own merge."""
+    outs = []
+    for i in range(batch):
+        a = tuple(_row(v, i, batch) for v in args)
+        k = {key: _row(v, i, batch) for key, v in kwargs.items()}
+        a, k = args_of.set(a, k, spec.arg, _gather_rope(rope, spec, plan, row=i))
+        outs.append(inner(*a, **k))
+    if isinstance(outs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts, dim=0) for parts in zip(*outs))
+    return torch.cat(outs, dim=0)
+
+
+def _row(value, i: int, batch: int):
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return value[i: i + 1]
+    return value

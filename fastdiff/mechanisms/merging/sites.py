@@ -1,0 +1,80 @@
+"""Where merging hooks go: the adapter's TokenSite data resolved to the submodules of one denoiser.
+
+A `Site` is one submodule (e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn1`) with its role, its
+UNet level and the adapter block that holds it. `Args` reads and replaces a forward argument by name whether
+the caller passed it by position or by keyword, so the hooks never depend on how a block calls its children.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...adapters.base import BlockAdapter, TokenModule
+
+
+@dataclass
+class Site:
+    path: str  # module path of the submodule
+    module: torch.nn.Module
+    spec: TokenModule
+    block: int  # index of the adapter block holding it
+    level: int  # UNet resolution level (0 for transformers)
+    owner: str  # path of the transformer block it sits in (the unit of the depth rule)
+
+
+def find(adapter: BlockAdapter) -> list[Site]:
+    """Every token submodule the family's data names, in execution order (adapter block, then module order)."""
+    spec = adapter.spec
+    denoiser = adapter.denoiser
+    found = []
+    for order, (path, module) in enumerate(denoiser.named_modules()):
+        site = next((s for s in spec.attention if re.search(s.blocks, path)), None)
+        if site is None:
+            continue
+        block = next((b.index for b in adapter.blocks if path == b.path or path.startswith(b.path + ".")), None)
+        if block is None:
+            continue  # not inside a block the adapter knows (nothing would account for it)
+        level = spec.level(path, denoiser) if spec.level else 0
+        for tm in site.modules:
+            child = getattr(module, tm.name, None)
+            if isinstance(child, torch.nn.Module):
+                found.append((block, order, Site(f"{path}.{tm.name}", child, tm, block, level, path)))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [s for *_, s in found]
+
+
+def width(module: torch.nn.Module) -> int:
+    """Channels of the tokens a submodule takes: the input width of its first linear layer."""
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+    return first.in_features if first is not None else 0
+
+
+class Args:
+    """Read / replace forward arguments by name, however they were passed."""
+
+    def __init__(self, module: torch.nn.Module):
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # [0] is self
+        self.position: dict[str, int] = {}
+        for i, p in enumerate(params):
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                break
+            self.position[p.name] = i
+
+    def get(self, args: tuple, kwargs: dict, name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = self.position.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def set(self, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+        i = self.position.get(name)
+        if name not in kwargs and i is not None and i < len(args):
+            args = args[:i] + (value,) + args[i + 1:]
+        else:
+            kwargs = {**kwargs, name: value}
+        return args, kwargs
