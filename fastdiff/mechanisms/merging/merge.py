@@ -13,10 +13,10 @@ is copied:
   nothing is unmerged.
 
 One matching per (denoiser call, step, token grid) — i.e. per UNet level — is computed at the first merged
-submodule of that grid from its input, and shared by every other submodule on the grid in that call (state in
-the run state's per-call slot). Merging attaches inside caching: a block the cache stands in for never calls
-its submodules, so it pays nothing. Every submodule that ran on fewer tokens is recorded on the call
-(`CallRecord.reductions`), which `summary()` prices with the cost model.
+submodule of that grid from its input (centred: see `_plan`), and shared by every other submodule on the grid in
+that call (state in the run state's per-call slot). Merging attaches inside caching: a block the cache stands in
+for never calls its submodules, so it pays nothing. Every submodule that ran on fewer tokens is recorded on the
+call (`CallRecord.reductions`), which `summary()` prices with the cost model.
 """
 
 from __future__ import annotations
@@ -196,7 +196,11 @@ class TokenMerge(Mechanism):
             r = _tome.merged_count(grid, ratio, c.sx, c.sy)
             if r > 0:
                 gen = torch.Generator().manual_seed(_seed(c.seed, ctx.step, grid)) if c.random else None
-                m = _tome.match(image, grid, r, c.sx, c.sy, gen)
+                # Similarity of each token's deviation from the mean token: the shift a norm / adaLN adds to every
+                # token alike makes all pairs look similar in raw cosine (measured: +5 dB PSNR on DiT, +2.5 on
+                # PixArt, +0.4 on SD1.5 at equal ratio, against the raw input or the block's input as tomesd uses).
+                metric = image - image.mean(dim=1, keepdim=True)
+                m = _tome.match(metric, grid, r, c.sx, c.sy, gen)
                 merge, unmerge = _tome.merge_pair(m)
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
