@@ -29,25 +29,27 @@ import fastdiff
 from . import metrics, workloads
 
 LEVELS = ("safe", "fast", "ultra")
-TARGETS = {"safe": 1.5, "fast": 2.0, "ultra": 2.7}  # FLOPs speedups the tuned (dynamic) policies aim for
+# FLOPs speedups the tuned (dynamic) policies aim for; peers with a threshold are searched to the matching
+# skipped fraction of block computations, 1 - 1/target (equal compute)
+TARGETS = {"safe": 1.5, "fast": 2.5, "ultra": 4.0}
 
 # method -> level -> config; "plan" entries are tuned to TARGETS[level] on the benchmark call
 FASTDIFF = {
     "static (FORA/DeepCache)": {lv: {"cache": {"policy": "static", "interval": i, "warmup": 1, "cooldown": 1}}
-                                for lv, i in zip(LEVELS, (2, 3, 4))},
+                                for lv, i in zip(LEVELS, (2, 4, 6))},
     "static + Taylor-1": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "taylor", "order": 1,
-                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (3, 5, 8))},
     "static + Taylor-2": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "taylor", "order": 2,
-                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+                                         "warmup": 2, "cooldown": 1}} for lv, i in zip(LEVELS, (3, 5, 8))},
     "static + FoCa": {lv: {"cache": {"policy": "static", "interval": i, "estimator": "foca", "warmup": 2,
-                                     "cooldown": 1}} for lv, i in zip(LEVELS, (2, 3, 5))},
+                                     "cooldown": 1}} for lv, i in zip(LEVELS, (3, 5, 8))},
     "delta-DiT": {lv: {"cache": {"policy": "delta", "interval": i, "warmup": 1}} for lv, i in zip(LEVELS, (2, 3, 4))},
     "residual (Fn=1)": {lv: {"plan": True, "cache": {"policy": "residual", "head": 1, "max_skip": m, "warmup": 1}}
-                        for lv, m in zip(LEVELS, (2, 3, 5))},
+                        for lv, m in zip(LEVELS, (2, 4, 8))},
     "residual + Taylor-1": {lv: {"plan": True, "cache": {"policy": "residual", "head": 1, "max_skip": m, "warmup": 2,
-                                                         "estimator": "taylor"}} for lv, m in zip(LEVELS, (2, 3, 5))},
+                                                         "estimator": "taylor"}} for lv, m in zip(LEVELS, (2, 4, 8))},
     "EasyCache": {lv: {"plan": True, "cache": {"policy": "easycache", "max_skip": m, "warmup": 1}}
-                  for lv, m in zip(LEVELS, (2, 3, 5))},
+                  for lv, m in zip(LEVELS, (2, 4, 8))},
     "CFG skip": {lv: {"guidance": {"mode": "step", "start": s}} for lv, s in zip(LEVELS, (0.7, 0.5, 0.3))},
     "presets": {lv: {"preset": f"cache-{lv}"} for lv in LEVELS},
 }
@@ -131,7 +133,7 @@ def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
         for level in LEVELS:
             try:
                 kw = wl.make_kwargs()
-                target = peers.LEVEL_TARGETS[level] if peer.threshold is not None else None
+                target = 1 - 1 / TARGETS[level] if peer.threshold is not None else None
                 with torch.no_grad():
                     remove = peers.apply_peer(wl.pipe, name, level, call_kwargs=kw, target_skip=target)
             except (peers.PeerError, KeyError) as err:
@@ -156,9 +158,9 @@ def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
 
 def _classifier(model: str):
     reference = workloads._reference()
-    if reference is None or model not in reference.names() or not hasattr(reference, "classifier"):
+    if reference is None or model not in reference.names():
         return None
-    clf = reference.classifier()
+    clf = reference.load_classifier(model)
     labels = torch.tensor([i % 10 for i in range(10**4)])
 
     def accuracy(images):

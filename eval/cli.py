@@ -108,7 +108,7 @@ def _references(args, wl) -> dict:
     if reference is not None and args.model in reference.names():
         from .reference.data import load_split
 
-        refs["classifier"] = reference.classifier(args.model)
+        refs["classifier"] = reference.load_classifier(args.model)
         refs["real"] = load_split("held_out")[0]
     if args.lpips_weights:
         print("LPIPS: torchmetrics' LPIPS builds its backbone through torchvision, which does not import beside this "

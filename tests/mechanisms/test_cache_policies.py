@@ -193,8 +193,8 @@ def test_dynamic_batch_rule_never_mixes_rows(family):
         both = tiny.output_tensor(pipe(**_twice(kw)))
         d_both = [r.decisions for r in h.summary().per_step]
     assert d_alone == d_both
-    for i in range(2):
-        torch.testing.assert_close(both[i: i + 1], alone, rtol=1e-4, atol=1e-5)
+    for i in range(2):  # tolerances cover batch-size numerics (2e-5 on sd15); a mixed row would be O(1) off
+        torch.testing.assert_close(both[i: i + 1], alone, rtol=1e-3, atol=1e-4)
 
 
 def _twice(kw):
@@ -221,7 +221,7 @@ def test_static_schedules_keep_batch_rows_and_cfg_branches_apart(family):
             both = tiny.output_tensor(pipe(**_seeded(kw)))
             alone = [tiny.output_tensor(pipe(**_sample(_seeded(kw), i, 2))) for i in range(2)]
         for i in range(2):
-            torch.testing.assert_close(both[i: i + 1], alone[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(both[i: i + 1], alone[i], rtol=1e-3, atol=1e-4)
 
 
 def test_blocks_compiled_with_torch_compile_do_not_recompile_per_step():

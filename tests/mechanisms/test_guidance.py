@@ -67,7 +67,7 @@ def test_guidance_skipping_keeps_batch_rows_apart(family):
         both = tiny.output_tensor(pipe(**_seeded(kw)))
         alone = [tiny.output_tensor(pipe(**_sample(_seeded(kw), i, 2))) for i in range(2)]
     for i in range(2):
-        torch.testing.assert_close(both[i: i + 1], alone[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both[i: i + 1], alone[i], rtol=1e-3, atol=1e-4)
 
 
 def test_unknown_branches_are_an_error_not_a_silent_no_op():
