@@ -1,0 +1,314 @@
+"""Token-merging benchmark: baseline, fastdiff ToMe / ToDo at three ratios, and tomesd — one process, one model,
+the same seeds and steps.
+
+    python -m fastdiff.eval.bench_merge --model sd15 --size 128 --samples 2 --steps 10 --threads 1 \\
+        --out eval/results/merge-sd15
+
+--model: a tiny family ("sd15", "dit", "pixart", "flux", ...: seeded random weights) or a reference model the
+project trained ("ref-digits"). --size: output height/width in pixels for tiny families; merging only pays with
+many tokens, so benchmark at sizes where the merged level holds 1000+ of them (the tiny VAE is 2x: --size 128 is a
+64x64 latent, 4096 tokens at a UNet's level 0, 32x32 = 1024 tokens for a patch-2 DiT). Tiny DiTs take their size
+from the transformer config, so for them a DiT of that sample size is built with the tiny config.
+
+--sweep 32,64,128,256: instead, where merging starts to pay: baseline vs ToMe 0.5 and ToDo 2x2 at each size
+(fewer steps), with the tokens of the merged level, written to <out>/sweep.md and sweep.json.
+
+Writes <out>/results.json, results.csv and README.md (the table, device, versions, command). Speedup = baseline
+median time / method median time, measured here; PSNR/SSIM against the baseline output of the same seeds; "FLOPs x"
+is fastdiff's own accounting of what the run computed (summary()). tomesd is applied to the denoiser (it raises on
+a DiT/PixArt pipeline object); it measures downsampling against the latent, so on patch-2 DiTs it needs
+max_downsample=2 to merge at all — the benchmark gives it that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastdiff
+from fastdiff import tiny
+from fastdiff.integrations.diffusers import find_parts
+
+from . import metrics, workloads
+
+RATIOS = (0.3, 0.5, 0.7)
+# method -> level (ratio) -> merge section; ToDo's key reduction is set by its factor, not a ratio
+FASTDIFF = {
+    "tome (self-attn)": {r: {"method": "tome", "ratio": r} for r in RATIOS},
+    "tome (self-attn + mlp)": {r: {"method": "tome", "ratio": r, "targets": ["self_attention", "mlp"]} for r in RATIOS},
+    "todo": {"f2": {"method": "todo", "factor": 2}, "f3": {"method": "todo", "factor": 3}},
+}
+
+
+def load(args) -> workloads.Workload:
+    wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
+    if args.model not in tiny.FAMILIES or not args.size:
+        return wl
+    if args.model == "dit":  # DiTPipeline samples at transformer.config.sample_size: build one of that size
+        import diffusers
+
+        config = dict(wl.pipe.transformer.config)
+        config["sample_size"] = args.size // 2  # the tiny VAE is 2x
+        torch.manual_seed(args.seed)
+        wl.pipe.register_modules(transformer=diffusers.DiTTransformer2DModel.from_config(config).eval())
+        wl.describe += f", DiT sample_size {config['sample_size']}"
+        return wl
+    make = wl.make_kwargs
+    wl.make_kwargs = lambda indices=None: {**make(indices), "height": args.size, "width": args.size}
+    wl.describe += f", {args.size}x{args.size} px"
+    return wl
+
+
+def timed(wl: workloads.Workload, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        kw = wl.make_kwargs()
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = wl.pipe(**kw)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return _as_grid(wl.to_images(out).float().cpu()), times
+
+
+def _as_grid(x: torch.Tensor) -> torch.Tensor:
+    """Packed (B, tokens, C) latents (Flux's latent output) as (B, C, h, w) on their square grid, for SSIM."""
+    if x.ndim != 3:
+        return x
+    b, n, c = x.shape
+    side = math.isqrt(n)
+    return x.transpose(1, 2).reshape(b, c, side, n // side) if side * side == n else x
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(args):
+    wl = load(args)
+    timed(wl, 1)  # warm-up
+    base, base_times = timed(wl, args.repeats)
+    t_base = statistics.median(base_times)
+    data_range = 1.0 if wl.trained else float(base.max() - base.min())
+    classify = _classifier(args.model)
+    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=_spread(base_times),
+                 speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, tokens="", note="")]
+    if classify:
+        rows[0]["accuracy"] = classify(base)
+    print(_line(rows[0]), flush=True)
+
+    def measure(method, level, out, times, **extra):
+        t = statistics.median(times)
+        row = dict(method=method, level=str(level), time_s=t, spread_s=_spread(times), speedup=t_base / t,
+                   psnr=metrics.psnr(out, base, data_range), ssim=metrics.ssim(out, base, data_range), **extra)
+        if classify:
+            row["accuracy"] = classify(out)
+        rows.append(row)
+        print(_line(row), flush=True)
+
+    for method, levels in FASTDIFF.items():
+        for level, merge in levels.items():
+            try:
+                with fastdiff.accelerated(wl.pipe, merge=merge) as h:
+                    timed(wl, 1)
+                    out, times = timed(wl, args.repeats)
+                    s = h.summary()
+            except fastdiff.UnsupportedModelError as err:
+                rows.append(dict(method=f"fastdiff {method}", level=str(level), config="-", note=f"refused: {err}"))
+                continue
+            tokens = next((d for r in s.per_step for d in r.decisions if d), "")
+            measure(f"fastdiff {method}", level, out, times, config=s.config, flops_speedup=s.estimated_speedup,
+                    tokens=tokens.replace("merge=", ""), note="")
+
+    if not args.no_tomesd:
+        rows += run_tomesd(wl, args, measure)
+    return rows, wl
+
+
+def run_tomesd(wl, args, measure) -> list[dict]:
+    try:
+        import tomesd
+    except ImportError:
+        return [dict(method="tomesd", level="-", config="-", note="not installed (pip install tomesd --no-deps)")]
+    _, denoiser, _ = find_parts(wl.pipe)
+    failed = []
+    try:  # what users do first: hand it the pipeline
+        tomesd.apply_patch(wl.pipe, ratio=0.5)
+        tomesd.remove_patch(wl.pipe)
+    except Exception as err:  # noqa: BLE001  (a peer's failure is a result)
+        failed.append(dict(method="tomesd", level="pipeline", config="-",
+                           note=f"apply_patch(pipe) fails: {type(err).__name__}: {err}"))
+    # the latent it measures downsampling on is the patch grid times the patch size on DiTs
+    md = 2 if getattr(denoiser.config, "patch_size", None) == 2 else 1
+    for ratio in RATIOS:
+        kwargs = dict(ratio=ratio, max_downsample=md, sx=2, sy=2, use_rand=True, merge_attn=True,
+                      merge_crossattn=False, merge_mlp=False)
+        try:
+            tomesd.apply_patch(denoiser, **kwargs)
+            try:
+                timed(wl, 1)
+                out, times = timed(wl, args.repeats)
+            finally:
+                tomesd.remove_patch(denoiser)
+        except Exception as err:  # noqa: BLE001
+            failed.append(dict(method="tomesd", level=str(ratio), config="-",
+                               note=f"apply_patch(denoiser) then sampling fails: {type(err).__name__}: {err}"))
+            break
+        measure("tomesd (self-attn)", ratio, out, times, config=json.dumps(kwargs), flops_speedup=None, tokens="",
+                note=f"tomesd {getattr(tomesd, '__version__', '0.1.3')} applied to {type(denoiser).__name__}")
+    return failed
+
+
+SWEEP = {"tome 0.5": {"method": "tome", "ratio": 0.5}, "todo f2": {"method": "todo", "factor": 2}}
+
+
+def sweep(args) -> list[dict]:
+    """Measured speedup of ToMe 0.5 and ToDo 2x2 over baseline at each size: where merging starts to pay."""
+    rows = []
+    for size in args.sweep:
+        args.size = size
+        wl = load(args)
+        timed(wl, 1)
+        _, base_times = timed(wl, args.repeats)
+        t_base = statistics.median(base_times)
+        row = dict(size=size, baseline_s=t_base)
+        for name, merge in SWEEP.items():
+            try:
+                with fastdiff.accelerated(wl.pipe, merge=merge) as h:
+                    timed(wl, 1)
+                    _, times = timed(wl, args.repeats)
+                    s = h.summary()
+            except fastdiff.UnsupportedModelError:
+                continue
+            decision = next((d for r in s.per_step for d in r.decisions if d), "").replace("merge=", "")
+            row["tokens"] = decision.replace("kv ", "").split(">")[0]
+            row[name] = dict(speedup=t_base / statistics.median(times), flops=s.estimated_speedup)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def write_sweep(rows, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    names = [n for n in SWEEP if any(n in r for r in rows)]
+    lines = [f"# Where token merging starts to pay: {args.model}", "",
+             f"- **device**: {_device()}, {torch.get_num_threads()} thread(s); torch {torch.__version__}, "
+             f"diffusers {__import__('diffusers').__version__}",
+             "- **command**: python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), "",
+             "| size px | tokens on the merged level | baseline s | " + " | ".join(f"{n} speedup (FLOPs x)" for n in names)
+             + " |", "|---" * (3 + len(names)) + "|"]
+    for r in rows:
+        cells = [f"{r[n]['speedup']:.2f} ({r[n]['flops']:.2f})" if n in r else "-" for n in names]
+        lines.append(f"| {r['size']} | {r.get('tokens', '-')} | {r['baseline_s']:.3f} | " + " | ".join(cells) + " |")
+    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+
+def _classifier(model: str):
+    """Class accuracy of a trained reference model's samples (sample i is class i % 10), or None."""
+    reference = workloads._reference()
+    if reference is None or model not in reference.names():
+        return None
+    clf = reference.load_classifier(model)
+
+    def accuracy(images):
+        labels = torch.tensor([i % 10 for i in range(len(images))])
+        with torch.no_grad():
+            return float(clf.accuracy(images, labels))
+
+    return accuracy
+
+
+def _spread(times):
+    return (max(times) - min(times)) / 2
+
+
+def _line(r) -> str:
+    fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}x"
+    acc = f"  acc {r['accuracy']:.3f}" if "accuracy" in r else ""
+    return (f"{r['method']:<32} {r['level']:<8} {r['time_s']:8.3f}s {r['speedup']:6.2f}x  PSNR {r['psnr']:6.2f}  "
+            f"SSIM {r['ssim']:.4f}  FLOPs {fl}{acc}  {r.get('tokens', '')}")
+
+
+def write(rows, wl, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(device=_device(), threads=torch.get_num_threads(), torch=torch.__version__,
+               diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
+               tomesd=_version("tomesd"), python=platform.python_version(),
+               command="python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), workload=wl.describe,
+               trained=wl.trained)
+    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
+    keys = ["method", "level", "time_s", "spread_s", "speedup", "psnr", "ssim", "flops_speedup", "accuracy", "tokens",
+            "config", "note"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Token-merging benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
+             "| method | ratio | time s | speedup | PSNR dB | SSIM | FLOPs x | class acc | tokens (per merged level) | "
+             "config / note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "time_s" not in r:
+            lines.append(f"| {r['method']} | {r['level']} | - | - | - | - | - | - | - | {r['note']} |")
+            continue
+        fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
+        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
+        lines.append(f"| {r['method']} | {r['level']} | {r['time_s']:.3f} ± {r['spread_s']:.3f} | {r['speedup']:.2f} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | {r.get('tokens', '')} | `{r['config']}` "
+                     f"{r.get('note', '')} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="sd15")
+    ap.add_argument("--size", type=int, default=128, help="tiny families: output height/width in pixels")
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--no-tomesd", action="store_true")
+    ap.add_argument("--sweep", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="comma-separated sizes: measure where merging starts to pay instead")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sweep:
+        write_sweep(sweep(args), args)
+        print(f"wrote {args.out}/sweep.md, sweep.json")
+        return
+    rows, wl = run(args)
+    write(rows, wl, args.out)
+    print(f"wrote {args.out}/README.md, results.json, results.csv")
+
+
+if __name__ == "__main__":
+    main()
