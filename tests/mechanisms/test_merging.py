@@ -158,6 +158,7 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
         assert torch.equal(a, b) and torch.isfinite(a).all() and not torch.equal(a, base)
         assert all(d.startswith("merge=") for row in s.per_step for d in row.decisions)
         assert s.estimated_speedup > 1.02 and s.mechanisms["merge"]["calls_merged"] == s.calls
+        assert h.summary().mechanisms == s.mechanisms  # still reported after remove()
     assert snapshot(denoiser, pipe.scheduler) == before
     assert torch.equal(_run(pipe, family, steps=4), base)
 

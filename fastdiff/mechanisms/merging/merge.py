@@ -171,10 +171,16 @@ class TokenMerge(Mechanism):
         return CallState()
 
     def report(self) -> dict:
-        records = self.session.records if self.session is not None else []
+        if getattr(self, "session", None) is None:  # removed: what the last run did, as it was at removal
+            return getattr(self, "_final", {})
+        records = self.session.records
         merged = [r for r in records if r.reductions]
         return {"method": self.config.method, "calls_merged": len(merged), "calls": len(records),
                 "submodules": max((len(r.reductions) for r in merged), default=0)}
+
+    def detach(self) -> None:
+        self._final = self.report()
+        super().detach()
 
     # -- per call -----------------------------------------------------------------------------------
     def _state(self) -> CallState | None:
