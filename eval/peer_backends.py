@@ -365,8 +365,19 @@ def check_cache_dit(pipe) -> str | None:
 
     if isinstance(pipe, torch.nn.Module):
         return "cache-dit peers are applied to the pipeline (its adapters are keyed by pipeline class)"
-    if not BlockAdapterRegister.is_supported(pipe):
+    if not BlockAdapterRegister.is_supported(pipe) and _cache_dit_family(pipe) is None:
         return f"cache-dit has no BlockAdapter registered for {type(pipe).__name__}"
+    return None
+
+
+def _cache_dit_family(pipe) -> str | None:
+    """cache-dit keys its adapters by pipeline class name; a custom pipeline around a DiT denoiser (our reference
+    models) gets cache-dit's own "DiT" adapter, which checks the transformer class itself."""
+    from cache_dit import BlockAdapterRegister
+
+    den = getattr(pipe, "transformer", None)
+    if type(den).__name__ == "DiTTransformer2DModel" and "DiT" in BlockAdapterRegister._adapters:
+        return "DiT"
     return None
 
 
@@ -388,8 +399,13 @@ def install_cache_dit(pipe, kw, call_kwargs, taylorseer: bool = False):
         last = blocks(denoiser(pipe))[-1:]
         text_out = not any(getattr(b, "context_pre_only", False) for b in last)
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order, enable_encoder_calibrator=text_out)
+    from cache_dit import BlockAdapterRegister
+
+    target = pipe
+    if not BlockAdapterRegister.is_supported(pipe):
+        target = BlockAdapterRegister._adapters[_cache_dit_family(pipe)](pipe)
     with quiet("cache_dit"):
-        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
 
     def disable():
         with quiet("cache_dit"):
