@@ -19,14 +19,13 @@ import math
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import fastdiff
 
-from . import metrics, workloads
+from . import metrics, timing, workloads
 
 LEVELS = ("safe", "fast", "ultra")
 # FLOPs speedups the tuned (dynamic) policies aim for; peers with a threshold are searched to the matching
@@ -55,22 +54,8 @@ FASTDIFF = {
 }
 
 
-def timed(wl: workloads.Workload, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        kw = wl.make_kwargs()
-        _sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = wl.pipe(**kw)
-        _sync()
-        times.append(time.perf_counter() - start)
-    return wl.to_images(out).float().cpu(), times
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _fidelity(x, ref, data_range):
@@ -79,13 +64,13 @@ def _fidelity(x, ref, data_range):
 
 def run(args) -> list[dict]:
     wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
-    timed(wl, 1)  # warm-up
-    base, base_times = timed(wl, args.repeats)
+    timing.timed(wl, 1)  # warm-up
+    base, base_times = timing.timed(wl, args.repeats)
     t_base = statistics.median(base_times)
     data_range = 1.0 if wl.trained else float(base.max() - base.min())
-    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=_spread(base_times),
+    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=timing.spread(base_times),
                  speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, note="")]
-    classify = _classifier(args.model)
+    classify = timing.class_accuracy(args.model)
     if classify:
         rows[0]["accuracy"] = classify(base)
     call = lambda: wl.pipe(**wl.make_kwargs())  # noqa: E731  (the call dynamic policies are tuned on)
@@ -105,15 +90,15 @@ def run(args) -> list[dict]:
                             f"target ({p.runs} runs)")
                 preset = cfg.pop("preset", None) if isinstance(cfg, dict) else None
                 with fastdiff.accelerated(wl.pipe, cfg if cfg else None, preset=preset) as h:
-                    timed(wl, 1)
-                    out, times = timed(wl, args.repeats)
+                    timing.timed(wl, 1)
+                    out, times = timing.timed(wl, args.repeats)
                     s = h.summary()
             except (fastdiff.UnsupportedModelError, fastdiff.ConfigError) as err:
                 rows.append(dict(method=f"fastdiff {method}", level=level, config="-", note=f"unsupported: {err}"))
                 continue
             t = statistics.median(times)
             p_, s_ = _fidelity(out, base, data_range)
-            row = dict(method=f"fastdiff {method}", level=level, config=s.config, time_s=t, spread_s=_spread(times),
+            row = dict(method=f"fastdiff {method}", level=level, config=s.config, time_s=t, spread_s=timing.spread(times),
                        speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=s.estimated_speedup, note=note)
             if classify:
                 row["accuracy"] = classify(out)
@@ -140,14 +125,14 @@ def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
                 rows.append(dict(method=f"{name}", level=level, config="-", note=f"not run: {err}"))
                 break
             try:
-                timed(wl, 1)
-                out, times = timed(wl, args.repeats)
+                timing.timed(wl, 1)
+                out, times = timing.timed(wl, args.repeats)
             finally:
                 remove()
             t = statistics.median(times)
             p_, s_ = _fidelity(out, base, data_range)
             row = dict(method=name, level=level, config=json.dumps(remove.kwargs, default=str), time_s=t,
-                       spread_s=_spread(times), speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=None,
+                       spread_s=timing.spread(times), speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=None,
                        note=f"{peer.source}" + (f", skip {remove.skip:.2f} (searched)" if remove.skip is not None else ""))
             if classify:
                 row["accuracy"] = classify(out)
@@ -156,23 +141,8 @@ def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
     return rows
 
 
-def _classifier(model: str):
-    reference = workloads._reference()
-    if reference is None or model not in reference.names():
-        return None
-    clf = reference.load_classifier(model)
-    labels = torch.tensor([i % 10 for i in range(10**4)])
-
-    def accuracy(images):
-        with torch.no_grad():
-            pred = clf.logits(images).argmax(-1)
-        return float((pred == labels[: len(pred)]).float().mean())
-
-    return accuracy
 
 
-def _spread(times):
-    return (max(times) - min(times)) / 2
 
 
 def _line(r) -> str:
@@ -184,7 +154,7 @@ def _line(r) -> str:
 
 def write(rows, wl, args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=_device(), threads=torch.get_num_threads(), torch=torch.__version__,
+    env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
                diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
                python=platform.python_version(),
                command="python -m fastdiff.eval.bench_cache " + " ".join(sys.argv[1:]), workload=wl.describe,
@@ -236,10 +206,6 @@ def pareto(rows, path: Path, wl) -> None:
     plt.close(fig)
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def main(argv=None) -> None:

@@ -29,7 +29,6 @@ import math
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ import fastdiff
 from fastdiff import tiny
 from fastdiff.integrations.diffusers import find_parts
 
-from . import metrics, workloads
+from . import metrics, timing, workloads
 
 RATIOS = (0.3, 0.5, 0.7)
 # method -> level (ratio) -> merge section; ToDo's key reduction is set by its factor, not a ratio
@@ -69,16 +68,8 @@ def load(args) -> workloads.Workload:
 
 
 def timed(wl: workloads.Workload, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        kw = wl.make_kwargs()
-        _sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = wl.pipe(**kw)
-        _sync()
-        times.append(time.perf_counter() - start)
-    return _as_grid(wl.to_images(out).float().cpu()), times
+    images, times = timing.timed(wl, repeats)
+    return _as_grid(images), times
 
 
 def _as_grid(x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +81,6 @@ def _as_grid(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, side, n // side) if side * side == n else x
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def run(args):
@@ -101,8 +89,8 @@ def run(args):
     base, base_times = timed(wl, args.repeats)
     t_base = statistics.median(base_times)
     data_range = 1.0 if wl.trained else float(base.max() - base.min())
-    classify = _classifier(args.model)
-    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=_spread(base_times),
+    classify = timing.class_accuracy(args.model)
+    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=timing.spread(base_times),
                  speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, tokens="", note="")]
     if classify:
         rows[0]["accuracy"] = classify(base)
@@ -110,7 +98,7 @@ def run(args):
 
     def measure(method, level, out, times, **extra):
         t = statistics.median(times)
-        row = dict(method=method, level=str(level), time_s=t, spread_s=_spread(times), speedup=t_base / t,
+        row = dict(method=method, level=str(level), time_s=t, spread_s=timing.spread(times), speedup=t_base / t,
                    psnr=metrics.psnr(out, base, data_range), ssim=metrics.ssim(out, base, data_range), **extra)
         if classify:
             row["accuracy"] = classify(out)
@@ -204,7 +192,7 @@ def write_sweep(rows, args) -> None:
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
     names = [n for n in SWEEP if any(n in r for r in rows)]
     lines = [f"# Where token merging starts to pay: {args.model}", "",
-             f"- **device**: {_device()}, {torch.get_num_threads()} thread(s); torch {torch.__version__}, "
+             f"- **device**: {timing.device()}, {torch.get_num_threads()} thread(s); torch {torch.__version__}, "
              f"diffusers {__import__('diffusers').__version__}",
              "- **command**: python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), "",
              "| size px | tokens on the merged level | baseline s | " + " | ".join(f"{n} speedup (FLOPs x)" for n in names)
@@ -215,23 +203,8 @@ def write_sweep(rows, args) -> None:
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 
-def _classifier(model: str):
-    """Class accuracy of a trained reference model's samples (sample i is class i % 10), or None."""
-    reference = workloads._reference()
-    if reference is None or model not in reference.names():
-        return None
-    clf = reference.load_classifier(model)
-
-    def accuracy(images):
-        labels = torch.tensor([i % 10 for i in range(len(images))])
-        with torch.no_grad():
-            return float(clf.accuracy(images, labels))
-
-    return accuracy
 
 
-def _spread(times):
-    return (max(times) - min(times)) / 2
 
 
 def _line(r) -> str:
@@ -243,7 +216,7 @@ def _line(r) -> str:
 
 def write(rows, wl, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=_device(), threads=torch.get_num_threads(), torch=torch.__version__,
+    env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
                diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
                tomesd=_version("tomesd"), python=platform.python_version(),
                command="python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), workload=wl.describe,
@@ -279,10 +252,6 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def main(argv=None) -> None:

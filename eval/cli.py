@@ -26,12 +26,7 @@ import torch
 import fastdiff
 from fastdiff.integrations.diffusers import find_parts
 
-from . import metrics, workloads
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from . import metrics, timing, workloads
 
 
 class DenoiserTimer:
@@ -43,11 +38,11 @@ class DenoiserTimer:
         self._handles = [denoiser.register_forward_pre_hook(self._pre), denoiser.register_forward_hook(self._post)]
 
     def _pre(self, *_):
-        _sync()
+        timing.sync()
         self._start = time.perf_counter()
 
     def _post(self, *_):
-        _sync()
+        timing.sync()
         self.total += time.perf_counter() - self._start
 
     def close(self):
@@ -71,11 +66,11 @@ def generate(wl: workloads.Workload, indices: list[int], batch_size: int, repeat
         try:
             for batch in tqdm(batches, disable=not progress, leave=False, desc="batches"):
                 kw = wl.make_kwargs(batch)
-                _sync()
+                timing.sync()
                 start = time.perf_counter()
                 with torch.no_grad():
                     out = wl.pipe(**kw)
-                _sync()
+                timing.sync()
                 total += time.perf_counter() - start
                 outs.append(wl.to_images(out).float().cpu())
         finally:
@@ -179,7 +174,7 @@ def main(argv=None) -> None:
         e2e = [sum(p[2][k] for p in gathered) for k in range(len(e2e))]  # total over processes, per pass
         inner = [sum(p[3][k] for p in gathered) for k in range(len(inner))]
         row = {"name": name, "config": cfg.to_dict() if cfg is not None else None, "samples": len(images),
-               "processes": state.num_processes, "time_s": statistics.median(e2e), "spread_s": _spread(e2e),
+               "processes": state.num_processes, "time_s": statistics.median(e2e), "spread_s": timing.spread(e2e),
                "denoiser_s": statistics.median(inner),
                "flops_speedup": summary.estimated_speedup if summary is not None else 1.0}
         if name == "baseline":
@@ -206,10 +201,6 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-def _spread(xs):
-    return (max(xs) - min(xs)) / 2
 
 
 def _json(v):
