@@ -190,6 +190,8 @@ class MergeConfig:
             submodules (in execution order, after the `max_downsample` rule).
         depth_fraction: fraction of those blocks for depth "first" / "last".
         factor: todo: key/value pooling factor along height and width (keys: about 1/factor² of the tokens).
+        keep_changed: tome: token importance — this fraction of the image tokens, those whose block input changed
+            most since the previous step of the same call slot, is merged only after every other source.
     """
 
     method: str = "tome"
@@ -206,8 +208,11 @@ class MergeConfig:
     depth: str = "all"
     depth_fraction: float = 0.5
     factor: int = 2
+    keep_changed: float = 0.0
 
     def validate(self) -> None:
+        _require(0 <= self.keep_changed < 1, f"merge.keep_changed must be in [0, 1), got {self.keep_changed}")
+        _require(self.keep_changed == 0 or self.method == "tome", "merge.keep_changed applies to method 'tome' only")
         _require(self.method in MERGE_METHODS, f"merge.method must be one of {MERGE_METHODS}, got {self.method!r}")
         for name in ("ratio", "ratio_end"):
             value = getattr(self, name)
@@ -241,6 +246,7 @@ class MergeConfig:
         sched = "" if (self.start, self.stop) == (0.0, 1.0) else f",s{self.start:g}-{self.stop:g}"
         depth = "" if self.depth == "all" else f",{self.depth}{self.depth_fraction:g}"
         md = "" if self.max_downsample == 1 else f",md{self.max_downsample}"
+        md += f",keep{self.keep_changed:g}" if self.keep_changed else ""
         return f"merge[{head}{md}{sched}{depth}]"
 
 

@@ -389,3 +389,29 @@ def test_strify_names_the_knobs():
     cfg = fastdiff.load_config(merge={"ratio": 0.5, "targets": ["self_attention", "mlp"], "stop": 0.8})
     assert cfg.strify() == "merge[tome,r0.5,2x2,sa+mlp,s0-0.8]"
     assert fastdiff.load_config(merge={"method": "todo", "max_downsample": 2}).strify() == "merge[todo,f2,md2]"
+
+
+def test_protected_tokens_are_merged_last():
+    from fastdiff.mechanisms.merging import tome
+
+    g = torch.Generator().manual_seed(3)
+    metric = torch.randn(2, 36, 8, generator=g)
+    free = tome.match(metric, (1, 6, 6), 10)
+    protect = torch.zeros(2, 36, dtype=torch.bool)
+    protect.scatter_(1, free.src[:, :5], True)  # protect half of what would have been merged
+    m = tome.match(metric, (1, 6, 6), 10, protect=protect)
+    assert m.r == 10
+    assert not protect.gather(1, m.src).any()  # enough unprotected sources: no protected token is merged
+
+
+def test_keep_changed_protects_the_most_changed_tokens_end_to_end():
+    pipe = tiny.build_pipeline("dit")
+    kw = lambda: tiny.pipeline_kwargs("dit", steps=4)  # noqa: E731
+    outs = []
+    for keep in (0.0, 0.25):
+        with torch.no_grad(), fastdiff.accelerated(pipe, merge={"ratio": 0.5, "keep_changed": keep}) as h:
+            outs.append(tiny.output_tensor(pipe(**kw())))
+            assert h.summary().flops < h.summary().dense_flops
+    assert not torch.equal(outs[0], outs[1]) and torch.isfinite(outs[1]).all()
+    with pytest.raises(fastdiff.ConfigError, match="keep_changed"):
+        fastdiff.apply(pipe, merge={"method": "todo", "keep_changed": 0.2})

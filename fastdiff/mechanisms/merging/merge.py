@@ -56,6 +56,7 @@ class CallState:
     record: Any = None  # the CallRecord the plans belong to
     plans: dict[tuple[int, int, int], Plan | None] = field(default_factory=dict)
     block_input: torch.Tensor | None = None  # hidden_states of the transformer block running now (the metric)
+    previous: dict = field(default_factory=dict)  # grid -> last step's metric (keep_changed), kept across calls
 
 
 class TokenMerge(Mechanism):
@@ -238,7 +239,7 @@ class TokenMerge(Mechanism):
                 metric = st.block_input
                 if not isinstance(metric, torch.Tensor) or metric.shape[:2] != image.shape[:2]:
                     metric = image
-                m = _tome.match(metric, grid, r, c.sx, c.sy, gen)
+                m = _tome.match(metric, grid, r, c.sx, c.sy, gen, self._protect(st, grid, metric))
                 merge, unmerge = _tome.merge_pair(m)
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
@@ -249,6 +250,17 @@ class TokenMerge(Mechanism):
             rec.decisions[self.name] = label + ",".join(f"{p.n}>{p.keys if c.method == 'todo' else p.query}"
                                                         for p in st.plans.values() if p is not None)
         return plan
+
+    def _protect(self, st: CallState, grid, metric: torch.Tensor) -> torch.Tensor | None:
+        """keep_changed: the tokens whose metric moved most since this call slot's previous step are not merged."""
+        k = int(self.config.keep_changed * metric.shape[1])
+        prev = st.previous.get(grid)
+        st.previous[grid] = metric
+        if k == 0 or prev is None or prev.shape != metric.shape:
+            return None
+        change = (metric - prev).float().norm(dim=-1)  # (B, N)
+        top = change.topk(k, dim=1).indices
+        return torch.zeros_like(change, dtype=torch.bool).scatter_(1, top, True)
 
     @torch.compiler.disable
     def _record(self, site, plan: Plan) -> None:

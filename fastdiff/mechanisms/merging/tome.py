@@ -87,8 +87,11 @@ def merged_count(grid: tuple[int, int, int], ratio: float, sx: int, sy: int) -> 
 
 @torch.no_grad()
 def match(metric: torch.Tensor, grid: tuple[int, int, int], r: int, sx: int = 2, sy: int = 2,
-          generator: torch.Generator | None = None) -> Matching:
-    """Bipartite soft matching of the (B, N, C) `metric` on `grid`, merging `r` tokens per row (see module doc)."""
+          generator: torch.Generator | None = None, protect: torch.Tensor | None = None) -> Matching:
+    """Bipartite soft matching of the (B, N, C) `metric` on `grid`, merging `r` tokens per row (see module doc).
+
+    `protect` (B, N) bool: tokens that are merged as sources only after every unprotected source (token
+    importance: e.g. the tokens that changed most since the previous step keep their own value)."""
     b, n, _ = metric.shape
     if grid[0] * grid[1] * grid[2] != n:
         raise ValueError(f"token grid {grid} holds {grid[0] * grid[1] * grid[2]} tokens, the tensor has {n}")
@@ -106,6 +109,8 @@ def match(metric: torch.Tensor, grid: tuple[int, int, int], r: int, sx: int = 2,
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = unit[:, src_all] @ unit[:, dst].transpose(1, 2)  # (B, sources, destinations)
     best, best_dst = scores.max(dim=-1)
+    if protect is not None:
+        best = best.masked_fill(protect[:, src_all], float("-inf"))
     order = best.argsort(dim=-1, descending=True, stable=True)  # stable: ties break the same in any batch
     merged_pos, unm_pos = order[:, :r], order[:, r:]
     src = src_all[merged_pos]
