@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ..config import FastDiffConfig
 from ..errors import ConfigError
+from ..mechanisms.caching.policies import POLICIES
 
 
 @dataclass
@@ -47,7 +48,7 @@ def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | Non
     cfg = fastdiff.load_config(config)
     if cfg.cache is None:
         raise ConfigError("plan() tunes the cache section: give a config with a cache policy")
-    if cfg.cache.policy in ("static", "delta"):
+    if not POLICIES[cfg.cache.policy].adaptive:
         trace = []
         for interval in range(1, 101):
             c = cfg.merged({"cache": {"interval": interval}})

@@ -8,7 +8,7 @@ import fastdiff
 from fastdiff import tiny
 from fastdiff.mechanisms.caching import estimators
 
-from ..adapters.test_families import _sample, _seeded
+from ..adapters.test_families import _sample, _seeded, run
 from ..unit.toy import FakePipeline, ShiftDenoiser, ToyDenoiser
 
 
@@ -136,15 +136,10 @@ POLICIES = {
 UNET = {"sd15", "sdxl"}
 
 
-def _run(pipe, family, **kw):
-    with torch.no_grad():
-        return tiny.output_tensor(pipe(**tiny.pipeline_kwargs(family, **kw)))
-
-
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
 def family_pipe(request):
     pipe = tiny.build_pipeline(request.param)
-    return request.param, pipe, _run(pipe, request.param, steps=8)
+    return request.param, pipe, run(pipe, request.param, steps=8)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -154,15 +149,15 @@ def test_policy_runs_end_to_end_and_remove_is_exact(family_pipe, policy):
     if family in UNET and policy in ("easycache", "delta"):
         with pytest.raises(fastdiff.UnsupportedModelError, match="UNet2DConditionModel.*static"):
             fastdiff.apply(pipe, cache=cfg)
-        assert torch.equal(_run(pipe, family, steps=8), base)  # the refusal touched nothing
+        assert torch.equal(run(pipe, family, steps=8), base)  # the refusal touched nothing
         return
     with fastdiff.accelerated(pipe, cache=cfg) as h:
-        a = _run(pipe, family, steps=8)
-        b = _run(pipe, family, steps=8)
+        a = run(pipe, family, steps=8)
+        b = run(pipe, family, steps=8)
         s = h.summary()
     assert torch.equal(a, b)  # the second run starts from a clean cache
     assert torch.isfinite(a).all()
-    assert torch.equal(_run(pipe, family, steps=8), base)
+    assert torch.equal(run(pipe, family, steps=8), base)
     reused = sum("cache=reuse" in r.decisions or "cache=forecast" in r.decisions for r in s.per_step)
     if policy in ("delta", "taylor2", "foca"):  # schedules fixed in advance always skip
         assert reused > 0 and s.estimated_speedup > 1.1
@@ -176,7 +171,7 @@ def test_never_reuse_settings_are_bit_identical(family_pipe, cfg):
     if family in UNET and cfg["policy"] != "residual":
         pytest.skip("refused for UNets (tested above)")
     with fastdiff.accelerated(pipe, cache=cfg) as h:
-        assert torch.equal(_run(pipe, family, steps=8), base)
+        assert torch.equal(run(pipe, family, steps=8), base)
         assert all("cache=compute" in r.decisions for r in h.summary().per_step)
 
 
@@ -234,9 +229,9 @@ def test_blocks_compiled_with_torch_compile_do_not_recompile_per_step():
         try:
             torch._dynamo.reset()
             counters.clear()
-            _run(pipe, "dit", steps=8)  # compute, reuse and forecast paths all seen: a handful of graphs
+            run(pipe, "dit", steps=8)  # compute, reuse and forecast paths all seen: a handful of graphs
             first = dict(counters["stats"])
-            _run(pipe, "dit", steps=16)  # twice the steps, other step indices: no new graph
+            run(pipe, "dit", steps=16)  # twice the steps, other step indices: no new graph
             assert dict(counters["stats"]) == first and 1 <= first["unique_graphs"] <= 8
             assert not counters["recompiles"]
         finally:

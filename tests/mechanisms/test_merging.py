@@ -19,7 +19,7 @@ from fastdiff.cost.model import CostModel
 from fastdiff.mechanisms.merging import merge as merge_mod
 from fastdiff.mechanisms.merging import todo, tome
 
-from ..adapters.test_families import _sample, _seeded
+from ..adapters.test_families import _sample, _seeded, run
 
 ALL_TARGETS = ["self_attention", "cross_attention", "mlp"]
 TODO_FAMILIES = {"dit", "pixart", "sd15", "sdxl"}  # self-attention with a separate key/value input and no RoPE
@@ -127,15 +127,10 @@ def test_todo_pools_each_cell_over_its_real_tokens(grid, factor):
 
 
 # -- every family end to end --------------------------------------------------------------------------
-def _run(pipe, family, **kw):
-    with torch.no_grad():
-        return tiny.output_tensor(pipe(**tiny.pipeline_kwargs(family, **kw)))
-
-
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
 def family_pipe(request):
     pipe = tiny.build_pipeline(request.param)
-    return request.param, pipe, _run(pipe, request.param, steps=4)
+    return request.param, pipe, run(pipe, request.param, steps=4)
 
 
 def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
@@ -143,7 +138,7 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
     denoiser = pipe.components["unet" if "unet" in pipe.components else "transformer"]
     before = snapshot(denoiser, pipe.scheduler)
     with fastdiff.accelerated(pipe, merge={"ratio": 0.0, "targets": ALL_TARGETS}) as h:
-        assert torch.equal(_run(pipe, family, steps=4), base)  # ratio 0: bit-identical
+        assert torch.equal(run(pipe, family, steps=4), base)  # ratio 0: bit-identical
         assert not any(r.reductions for r in h.records)
     for cfg in ({"ratio": 0.5}, {"ratio": 0.6, "targets": ALL_TARGETS, "random": False}, {"method": "todo"}):
         if cfg.get("method") == "todo" and family not in TODO_FAMILIES:
@@ -152,15 +147,15 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
             assert snapshot(denoiser, pipe.scheduler) == before  # refused before touching anything
             continue
         with fastdiff.accelerated(pipe, merge=cfg) as h:
-            a = _run(pipe, family, steps=4)
-            b = _run(pipe, family, steps=4)
+            a = run(pipe, family, steps=4)
+            b = run(pipe, family, steps=4)
             s = h.summary()
         assert torch.equal(a, b) and torch.isfinite(a).all() and not torch.equal(a, base)
         assert all(d.startswith("merge=") for row in s.per_step for d in row.decisions)
         assert s.estimated_speedup > 1.02 and s.mechanisms["merge"]["calls_merged"] == s.calls
         assert h.summary().mechanisms == s.mechanisms  # still reported after remove()
     assert snapshot(denoiser, pipe.scheduler) == before
-    assert torch.equal(_run(pipe, family, steps=4), base)
+    assert torch.equal(run(pipe, family, steps=4), base)
 
 
 @pytest.mark.parametrize("family", ["dit", "flux", "cogvideox", "wan", "hunyuan", "sd15"])

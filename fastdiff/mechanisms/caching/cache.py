@@ -37,6 +37,7 @@ class SlotState:
 
     record: Any = None  # the CallRecord the per-call scratch below belongs to
     span: tuple[int, int] = (0, 0)
+    mode: str = "residual"  # span_mode of `span`
     reuse: bool = False
     head_in: torch.Tensor | None = None
     span_in: torch.Tensor | None = None
@@ -112,10 +113,10 @@ class StepCache(Mechanism):
             if i % table.calls_per_step == 0:
                 gate = step < c.warmup or step >= steps - c.cooldown or span not in last \
                     or (c.max_skip and since >= c.max_skip)
-                if c.policy in ("static", "delta"):
-                    reuse = not gate and self.policy.decide(None, step, step - last.get(span, step), None)
-                else:
+                if self.policy.adaptive:
                     reuse = not gate
+                else:
+                    reuse = not gate and self.policy.decide(None, step, step - last.get(span, step), None)
                 if reuse:
                     since += 1
                 else:
@@ -168,6 +169,7 @@ class StepCache(Mechanism):
         if st.record is not rec:  # first cached-or-head block of this call
             st.record, st.reuse, st.head_in, st.span_in, st.enc_in = rec, False, None, None, None
             st.span = self.policy.span(ctx.step, ctx.num_steps, self.lo, self.hi)
+            st.mode = self.span_mode(self.adapter, st.span)
             if ctx.run != self._run:
                 self._run, self.peak_bytes = ctx.run, 0
         self._active = (st, ctx, rec)
@@ -175,23 +177,19 @@ class StepCache(Mechanism):
         i = block.index
         if not s <= i < e:
             if i == 0 and s > 0:
-                st.head_in = self._hidden_arg(block, signature, args, kwargs)
+                st.head_in = self._inputs(block, signature, args, kwargs)[0]
             return False, None
         if i == s:
-            bound = signature.bind(*args, **kwargs).arguments
-            st.span_in = bound[block.io.hidden_arg]
-            st.enc_in = bound.get(block.io.encoder_arg) if block.io.encoder_arg else None
+            st.span_in, st.enc_in = self._inputs(block, signature, args, kwargs)
             st.reuse = self._decide(st, ctx, block)
             rec.decisions[self.name] = (FORECAST if self.config.estimator != "reuse" else REUSE) if st.reuse else COMPUTE
         if not st.reuse:
             return False, None
-        if self.span_mode(self.adapter, st.span) == "output":
+        if st.mode == "output":
             leaves = st.estimators[(s, e, i)].predict(ctx.step)
             return True, tree_unflatten(leaves, st.treespec[i])
         if i < e - 1:  # the span's inner blocks pass their input through
-            bound = signature.bind(*args, **kwargs).arguments
-            return True, self._pack(block, st, bound[block.io.hidden_arg],
-                                    bound.get(block.io.encoder_arg) if block.io.encoder_arg else None)
+            return True, self._pack(block, st, *self._inputs(block, signature, args, kwargs))
         dh, de = st.estimators[(s, e, -1)].predict(ctx.step)
         hidden = st.span_in + dh
         encoder = None if st.enc_in is None or de is None else st.enc_in + de
@@ -209,7 +207,7 @@ class StepCache(Mechanism):
             return
         io = block.io
         st.n_outputs[i] = None if isinstance(out, torch.Tensor) else len(out)
-        if self.span_mode(self.adapter, st.span) == "output":
+        if st.mode == "output":
             leaves, st.treespec[i] = tree_flatten(out)
             self._push(st, (s, e, i), ctx.step, leaves, st.span_in.shape)
         else:
@@ -234,12 +232,12 @@ class StepCache(Mechanism):
     def _decide(self, st: SlotState, ctx, block) -> bool:
         c = self.config
         s, e = st.span
-        if self.policy.needs_head_input or c.policy == "easycache":
+        if self.policy.adaptive:
             signal = st.span_in
             if st.head_in is not None and st.head_in.shape == st.span_in.shape:
                 signal = st.span_in - st.head_in  # the first blocks' residual
             self.policy.observe(st.policy, ctx.step, signal)
-        key = (s, e, s if self.span_mode(self.adapter, st.span) == "output" else -1)
+        key = (s, e, s if st.mode == "output" else -1)
         est = st.estimators.get(key)
         if est is None or not est.ready or st.shapes.get(key) != tuple(st.span_in.shape):
             return False
@@ -285,7 +283,8 @@ class StepCache(Mechanism):
         return tuple(out)
 
     @staticmethod
-    def _hidden_arg(block, signature, args, kwargs):
-        if block.io.hidden_arg in kwargs:
-            return kwargs[block.io.hidden_arg]
-        return signature.bind(*args, **kwargs).arguments[block.io.hidden_arg]
+    def _inputs(block, signature, args, kwargs):
+        """(hidden, encoder) inputs of a block call; encoder None where the block takes none."""
+        bound = signature.bind(*args, **kwargs).arguments
+        io = block.io
+        return bound[io.hidden_arg], bound.get(io.encoder_arg) if io.encoder_arg else None

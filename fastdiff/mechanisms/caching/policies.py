@@ -46,6 +46,7 @@ class PolicyState:
 
 
 class Policy:
+    adaptive = False  # decides from signals measured during the run (else from the step index alone)
     needs_head_input = False  # whether the signal needs the input of block 0
 
     def __init__(self, config):
@@ -91,6 +92,7 @@ class Residual(Policy):
     first blocks; its relative change between consecutive steps (optionally rescaled by a fitted polynomial)
     is accumulated since the last computed step, and the span is reused while the sum stays below threshold."""
 
+    adaptive = True
     needs_head_input = True
 
     def observe(self, st, step, signal):
@@ -119,6 +121,8 @@ class EasyCache(Policy):
     change per input change of the span) is stable over a run, so the output change of a skipped step is
     predicted as k ||x_t - x_{t-1}|| / ||v||, accumulated since the last computed step; reuse while the
     prediction stays below threshold. No offline profiling; the first steps measure k."""
+
+    adaptive = True
 
     def observe(self, st, step, signal):
         if st.rate is not None and st.x_step is not None and st.x_step.shape == signal.shape:
