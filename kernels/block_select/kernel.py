@@ -14,6 +14,8 @@ and normaliser (online softmax), the second turns logits into probabilities.
 import triton
 import triton.language as tl
 
+from .. import tl_std
+
 # finite start for running maxima: exp2(m - m) stays 1 for rows whose first tile is all padding
 M_INIT = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634  # read by the launcher: logits are kept in log2 units for exp2
@@ -23,7 +25,7 @@ LOG2E = 1.4426950408889634  # read by the launcher: logits are kept in log2 unit
 def _pool_rows(base, blocks, n, stride_n, stride_d, offs_d, mask_d, BLOCK: tl.constexpr, TILE: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """Mean over the valid rows of each listed block: (TILE, BLOCK_D) fp32."""
-    acc = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
+    acc = tl.full([TILE, BLOCK_D], 0.0, dtype=tl.float32)
     for r in range(BLOCK):
         rows = blocks * BLOCK + r
         x = tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
@@ -57,15 +59,15 @@ def _mean_scores_kernel(
     q_mean = _pool_rows(Q + b * stride_qb + h * stride_qh, qbs, N_Q, stride_qn, stride_qd, offs_d, mask_d,
                         BLOCK_Q, TILE_QB, BLOCK_D)
     m_i = tl.full([TILE_QB], M_INIT, dtype=tl.float32)
-    l_i = tl.zeros([TILE_QB], dtype=tl.float32)
+    l_i = tl.full([TILE_QB], 0.0, dtype=tl.float32)
     for kt in range(0, NUM_KB, TILE_KB):
         kbs = kt + tl.arange(0, TILE_KB)
         k_mean = _pool_rows(k_base, kbs, N_K, stride_kn, stride_kd, offs_d, mask_d, BLOCK_K, TILE_KB, BLOCK_D)
         # pooled logits decide a discrete selection: full fp32 products, not TF32 (the tile is tiny anyway)
         s = tl.dot(q_mean, tl.trans(k_mean), input_precision="ieee") * qk_scale
         s = tl.where((kbs < NUM_KB)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m_i, tl_std.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl_std.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
         tl.store(out_base + kbs[None, :] * stride_ok, s, mask=mask_q[:, None] & (kbs < NUM_KB)[None, :])
     # pass 2 reads logits other threads of this program stored: a CTA barrier orders those global writes
@@ -82,7 +84,7 @@ def _antidiag_logits(q_base, k_base, a, c, N_Q, N_K, stride_qn, stride_qd, strid
                      STRIDE: tl.constexpr, TILE_A: tl.constexpr, TILE_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Unscaled strided logits (TILE_A, TILE_C): query sub-row a against key sub-row c along the cell antidiagonal,
     sum_j q[a*STRIDE + STRIDE-1-j] . k[c*STRIDE + j]; rows past N load zeros."""
-    s = tl.zeros([TILE_A, TILE_C], dtype=tl.float32)
+    s = tl.full([TILE_A, TILE_C], 0.0, dtype=tl.float32)
     for j in tl.static_range(STRIDE):
         rq = a * STRIDE + (STRIDE - 1 - j)
         rk = c * STRIDE + j
@@ -112,19 +114,19 @@ def _antidiag_scores_kernel(
     mask_d = offs_d < HEAD_DIM
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
-    n_a = tl.cdiv(N_Q, STRIDE)
-    n_c = tl.cdiv(N_K, STRIDE)
+    n_a = (N_Q + STRIDE - 1) // STRIDE
+    n_c = (N_K + STRIDE - 1) // STRIDE
     a = pid * TILE_A + tl.arange(0, TILE_A)
 
     m_i = tl.full([TILE_A], M_INIT, dtype=tl.float32)
-    l_i = tl.zeros([TILE_A], dtype=tl.float32)
+    l_i = tl.full([TILE_A], 0.0, dtype=tl.float32)
     for c0 in range(0, n_c, TILE_C):
         c = c0 + tl.arange(0, TILE_C)
         s = _antidiag_logits(q_base, k_base, a, c, N_Q, N_K, stride_qn, stride_qd, stride_kn, stride_kd, offs_d,
                              mask_d, STRIDE, TILE_A, TILE_C, DOT_PRECISION) * qk_scale
         s = tl.where((c < n_c)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m_i, tl_std.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl_std.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
     # sub-rows past Nq weigh nothing; each query block averages its valid sub-rows
@@ -141,7 +143,7 @@ def _antidiag_scores_kernel(
         s = tl.where((c < n_c)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
         # (sub-rows, sub-cols) -> (query blocks, key blocks): sum each ROWS_Q x ROWS_K cell
-        cell = tl.sum(tl.sum(tl.reshape(p, (QBS, ROWS_Q, KBS, ROWS_K)), 3), 1)
+        cell = tl_std.sum(tl_std.sum(tl.reshape(p, (QBS, ROWS_Q, KBS, ROWS_K)), 3), 1)
         kbs = c0 // ROWS_K + tl.arange(0, KBS)
         tl.store(out_base + kbs[None, :] * stride_ok, cell / n_valid[:, None],
                  mask=(qbs < NUM_QB)[:, None] & (kbs < NUM_KB)[None, :])

@@ -12,6 +12,8 @@ smallest tl.dot size). The EVEN_* flags drop those masks when the shapes divide,
 import triton
 import triton.language as tl
 
+from .. import tl_std
+
 # exp2 is one instruction on GPU; scores are scaled by log2(e) once so that exp2(s - m) == exp(s' - m')
 LOG2E = 1.4426950408889634  # read by the launcher
 # finite start for the running max: a row whose first listed block is fully masked keeps exp2(m - m) == 1
@@ -58,8 +60,8 @@ def _block_sparse_attn_fwd(
         q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     for i in range(0, count):
         start_n = tl.load(idx_ptr + i * stride_ik) * BLOCK_N
@@ -75,10 +77,10 @@ def _block_sparse_attn_fwd(
         if not EVEN_N:
             s = tl.where(((start_n + offs_n) < N_K)[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl_std.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl_std.sum(p, 1)
         # P is cast to V's dtype for the second MMA (fp16/bf16 tensor cores), accumulation stays fp32
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
