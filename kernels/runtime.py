@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -16,6 +17,24 @@ def interpreting() -> bool:
     InterpretedFunction or a JITFunction), so it must be set before a kernel module is first imported; ours are
     imported lazily by their launchers on first call for that reason."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+# every module that decorates triton functions at import; tl_std first, the kernels import it
+KERNEL_MODULES = (
+    "fastdiff.kernels.tl_std",
+    "fastdiff.kernels.block_sparse_attention.kernel",
+    "fastdiff.kernels.block_select.kernel",
+)
+
+
+def use_interpreter() -> None:
+    """Run our Triton kernels in triton's interpreter from now on (CPU tests): set TRITON_INTERPRET=1 for the rest
+    of the process (triton also reads it while interpreted kernels run, so it must stay set) and re-decorate our
+    kernel modules that were already imported in compiled mode. Other libraries' kernels are left alone."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in KERNEL_MODULES:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
 
 
 def kernel_module(name: str):
