@@ -192,6 +192,12 @@ class MergeConfig:
         factor: todo: key/value pooling factor along height and width (keys: about 1/factor² of the tokens).
         keep_changed: tome: token importance — this fraction of the image tokens, those whose block input changed
             most since the previous step of the same call slot, is merged only after every other source.
+        proportional: tome: proportional attention (ToMe) — self-attention whose keys are the merged image tokens
+            adds log(size) to each key's logits, size being how many original tokens the key stands for, so a
+            merged key weighs as much as the tokens it replaced (merging k equal tokens then changes nothing).
+            Passed as an additive float `attention_mask`: families whose self-attention is a diffusers `Attention`
+            with a mask-taking processor (DiT, PixArt, the SD UNets); refused elsewhere. Negligible FLOPs, but on
+            GPUs a float mask rules out SDPA's flash backend.
     """
 
     method: str = "tome"
@@ -209,8 +215,12 @@ class MergeConfig:
     depth_fraction: float = 0.5
     factor: int = 2
     keep_changed: float = 0.0
+    proportional: bool = False
 
     def validate(self) -> None:
+        _require(not self.proportional or self.method == "tome", "merge.proportional applies to method 'tome' only")
+        _require(not self.proportional or "self_attention" in self.targets,
+                 "merge.proportional weighs the merged keys of self-attention: targets must include 'self_attention'")
         _require(0 <= self.keep_changed < 1, f"merge.keep_changed must be in [0, 1), got {self.keep_changed}")
         _require(self.keep_changed == 0 or self.method == "tome", "merge.keep_changed applies to method 'tome' only")
         _require(self.method in MERGE_METHODS, f"merge.method must be one of {MERGE_METHODS}, got {self.method!r}")
@@ -247,6 +257,7 @@ class MergeConfig:
         depth = "" if self.depth == "all" else f",{self.depth}{self.depth_fraction:g}"
         md = "" if self.max_downsample == 1 else f",md{self.max_downsample}"
         md += f",keep{self.keep_changed:g}" if self.keep_changed else ""
+        md += ",prop" if self.proportional else ""
         return f"merge[{head}{md}{sched}{depth}]"
 
 

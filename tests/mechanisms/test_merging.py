@@ -1,7 +1,8 @@
 """Token merging: the pure ToMe/ToDo functions by hand (odd grids, exact round trips, seeded destinations),
 the hooks on every family's tiny model (ratio 0 bit-identical, remove() exact, refusals untouched, batch rows
-apart), ToDo as exact K/V pooling, RoPE gathered at the destinations' positions, and the cost model against
-FlopCounterMode at the reduced token counts, alone and composed with caching."""
+apart), ToDo as exact K/V pooling, RoPE gathered at the destinations' positions, proportional attention (exact
+over merged duplicates, refused where attention cannot take the bias), merging under torch.compile, and the cost
+model against FlopCounterMode at the reduced token counts, alone and composed with caching."""
 
 import functools
 
@@ -23,6 +24,7 @@ from ..adapters.test_families import _sample, _seeded, run
 
 ALL_TARGETS = ["self_attention", "cross_attention", "mlp"]
 TODO_FAMILIES = {"dit", "pixart", "sd15", "sdxl"}  # self-attention with a separate key/value input and no RoPE
+PROPORTIONAL_FAMILIES = TODO_FAMILIES  # self-attention over the image tokens only, through AttnProcessor2_0
 
 
 def _randn(*shape, seed=0):
@@ -111,6 +113,71 @@ def test_proportional_bias_makes_attention_over_merged_duplicates_exact():
     torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("processor", ["AttnProcessor2_0", "AttnProcessor"])
+def test_proportional_attention_on_a_diffusers_attention_equals_attention_over_the_duplicates(processor):
+    # a real diffusers Attention (2 heads, batch 2) on tokens that repeat in the matching's groups: attention over
+    # the merged tokens, given log(size) as the additive attention_mask the mechanism passes, then unmerged, is
+    # attention over every token; without the bias it is not (a merged key weighs as one token)
+    from diffusers.models import attention_processor as ap
+
+    attn = ap.Attention(query_dim=16, heads=2, dim_head=8, processor=getattr(ap, processor)())
+    torch.manual_seed(0)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    grid = (1, 6, 7)  # an odd column outside the 2x2 cells
+    m = tome.match(_randn(2, 42, 8), grid, tome.merged_count(grid, 0.6, 2, 2), generator=torch.Generator().manual_seed(2))
+    assert m.sizes.max() > 2  # some destination holds several sources
+    merge, unmerge = tome.merge_pair(m)
+    x = unmerge(_randn(2, 42 - m.r, 16, seed=3))  # every merged group: equal tokens
+    with torch.no_grad():
+        full = attn(x)
+        proportional = unmerge(attn(merge(x), attention_mask=tome.proportional_bias(m)))
+        plain = unmerge(attn(merge(x)))
+    torch.testing.assert_close(proportional, full, rtol=1e-5, atol=1e-6)
+    assert (plain - full).abs().max() > 1e-3
+
+
+def test_proportional_merging_of_equal_tokens_leaves_the_dit_output_unchanged():
+    # end to end through the hooks: a DiT without position embeddings, fed a latent that is constant over each 2x2
+    # cell of tokens, has equal tokens in every cell; merging them (into their own cell's destination: cosine 1)
+    # with proportional attention changes nothing, without it the merged keys are under-weighted
+    dit = tiny.build_denoiser("dit")
+    dit.pos_embed.pos_embed.zero_()
+    kw = {**tiny.denoiser_inputs("dit", batch_size=2), "hidden_states": _randn(2, 4, 2, 2).repeat_interleave(4, 2)
+          .repeat_interleave(4, 3)}  # 8x8 latent, patch 2: 4x4 tokens, equal within each 2x2 token cell
+    with torch.no_grad():
+        base = dit(**kw).sample
+        outs = {}
+        for prop in (False, True):
+            with fastdiff.accelerated(dit, merge={"ratio": 0.5, "proportional": prop}) as h:
+                outs[prop] = dit(**kw).sample
+                assert h.records[0].decisions["merge"] == "16>8"
+    torch.testing.assert_close(outs[True], base, rtol=1e-4, atol=1e-5)
+    assert (outs[False] - base).abs().max() > 1e-3
+
+
+def test_proportional_is_refused_where_attention_cannot_take_the_bias(snapshot):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class MyProcessor(AttnProcessor2_0):  # e.g. a user's processor: whether it adds the mask is unknown
+        pass
+
+    pipe = tiny.build_pipeline("dit")
+    pipe.transformer.transformer_blocks[1].attn1.set_processor(MyProcessor())
+    before = snapshot(pipe.transformer, pipe.scheduler)
+    with pytest.raises(fastdiff.UnsupportedModelError,
+                       match=r"DiTTransformer2DModel: merge option 'proportional'.*blocks\.1\.attn1.*MyProcessor"):
+        fastdiff.apply(pipe, merge={"proportional": True})
+    assert snapshot(pipe.transformer, pipe.scheduler) == before and fastdiff.session_of(pipe) is None
+    with fastdiff.accelerated(pipe, merge={"proportional": True, "depth": "first"}):  # block 0 only: fine
+        run(pipe, "dit", steps=2)
+    for bad, match in [({"method": "todo", "proportional": True}, "'tome' only"),
+                       ({"targets": ["mlp"], "proportional": True}, "must include 'self_attention'")]:
+        with pytest.raises(fastdiff.ConfigError, match=match):
+            fastdiff.apply(pipe, merge=bad)
+    assert fastdiff.load_config(merge={"proportional": True}).strify() == "merge[tome,r0.5,2x2,sa,prop]"
+
+
 @pytest.mark.parametrize("grid,factor", [((1, 17, 23), 2), ((2, 6, 9), 3), ((1, 8, 8), 2)])
 def test_todo_pools_each_cell_over_its_real_tokens(grid, factor):
     f, h, w = grid
@@ -140,11 +207,24 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
     with fastdiff.accelerated(pipe, merge={"ratio": 0.0, "targets": ALL_TARGETS}) as h:
         assert torch.equal(run(pipe, family, steps=4), base)  # ratio 0: bit-identical
         assert not any(r.reductions for r in h.records)
-    for cfg in ({"ratio": 0.5}, {"ratio": 0.6, "targets": ALL_TARGETS, "random": False}, {"method": "todo"}):
+    if family in PROPORTIONAL_FAMILIES:
+        with fastdiff.accelerated(pipe, merge={"ratio": 0.0, "proportional": True}):
+            assert torch.equal(run(pipe, family, steps=4), base)  # nothing merged: no bias either, bit-identical
+    proportional = {"ratio": 0.5, "targets": ALL_TARGETS, "proportional": True}
+    for cfg in ({"ratio": 0.5}, {"ratio": 0.6, "targets": ALL_TARGETS, "random": False}, {"method": "todo"}, proportional):
         if cfg.get("method") == "todo" and family not in TODO_FAMILIES:
             with pytest.raises(fastdiff.UnsupportedModelError, match=r"'todo'.*ToDo supports: \['dit', 'pixart', 'unet'\]"):
                 fastdiff.apply(pipe, merge=cfg)
             assert snapshot(denoiser, pipe.scheduler) == before  # refused before touching anything
+            continue
+        if cfg.get("proportional") and family not in PROPORTIONAL_FAMILIES:
+            with pytest.raises(fastdiff.UnsupportedModelError,
+                               match=rf"{type(denoiser).__name__}: merge option 'proportional'.*proportional supports: "
+                                     r"\['dit', 'pixart', 'unet'\]"):
+                fastdiff.apply(pipe, merge=cfg)
+            with pytest.raises(fastdiff.UnsupportedModelError, match="'proportional'"):
+                fastdiff.estimate(pipe, merge=cfg, height=16, width=16, steps=2)
+            assert snapshot(denoiser, pipe.scheduler) == before
             continue
         with fastdiff.accelerated(pipe, merge=cfg) as h:
             a = run(pipe, family, steps=4)
@@ -158,13 +238,16 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
     assert torch.equal(run(pipe, family, steps=4), base)
 
 
-@pytest.mark.parametrize("family", ["dit", "flux", "cogvideox", "wan", "hunyuan", "sd15"])
-def test_batch_rows_and_cfg_branches_are_merged_apart(family):
+@pytest.mark.parametrize("family,proportional", [(f, False) for f in ("dit", "flux", "cogvideox", "wan", "hunyuan", "sd15")]
+                         + [("sd15", True)])
+def test_batch_rows_and_cfg_branches_are_merged_apart(family, proportional):
     # per-row matching: a batch of two (with CFG: four rows per call, or separate calls) equals each sample
-    # alone; Flux/CogVideoX/Hunyuan RoPE has no batch dim, so those rows run one at a time
+    # alone; Flux/CogVideoX/Hunyuan RoPE has no batch dim, so those rows run one at a time; proportional
+    # attention's bias is per row too
     pipe = tiny.build_pipeline(family)
     kw = tiny.pipeline_kwargs(family, batch_size=2, steps=3)
-    with torch.no_grad(), fastdiff.accelerated(pipe, merge={"ratio": 0.5, "targets": ALL_TARGETS}) as h:
+    cfg = {"ratio": 0.5, "targets": ALL_TARGETS, "proportional": proportional}
+    with torch.no_grad(), fastdiff.accelerated(pipe, merge=cfg) as h:
         both = tiny.output_tensor(pipe(**_seeded(kw)))
         assert h.records[0].ctx.batch_size in (2, 4)
         alone = [tiny.output_tensor(pipe(**_sample(_seeded(kw), i, 2))) for i in range(2)]
@@ -332,6 +415,43 @@ def test_merging_composes_with_caching_a_reused_block_pays_nothing():
     assert est.flops == pytest.approx(s.flops, rel=1e-12) and est.flops < merged_only.flops
 
 
+# -- torch.compile ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [{"ratio": 0.5, "proportional": True},
+                                 {"ratio": 0.6, "ratio_end": 0.1, "targets": ["self_attention", "mlp"]}])
+def test_merging_in_compiled_blocks_matches_eager_and_does_not_recompile_per_step(cfg):
+    # The DiT's blocks compiled (aot_eager: dynamo + AOTAutograd without codegen, to stay fast on CPU) with merging
+    # attached. The decisions (keeping the block input, the matching, the record) run under torch.compiler.disable,
+    # so a block graph-breaks around them: at most 1 + 1 + 2 per merged submodule graphs per block, and the
+    # matching's index tensors enter those graphs as inputs — a new matching every step needs no new graph. A
+    # constant ratio keeps the merged token count fixed; a ratio schedule changes it every step, and dynamo
+    # recompiles the graphs that see it once, with that size dynamic. Either way, a second run with another number
+    # of steps (other step indices, matchings, ratios) compiles nothing. (torch 2.13: 6 graphs, and 13 with the
+    # schedule on self-attention and MLP.)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    pipe = tiny.build_pipeline("dit")
+    counter = CompileCounterWithBackend("aot_eager")
+    blocks = pipe.transformer.transformer_blocks
+    with fastdiff.accelerated(pipe, merge=cfg):
+        eager = {steps: run(pipe, "dit", steps=steps) for steps in (4, 7)}
+        torch._dynamo.reset()
+        for block in blocks:
+            block.compile(backend=counter)
+        try:
+            compiled = run(pipe, "dit", steps=4)
+            first = counter.frame_count
+            again = run(pipe, "dit", steps=7)
+            assert counter.frame_count == first  # no recompilation for the new steps
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
+    bound = len(blocks) * (2 + 2 * len(cfg.get("targets", ["self_attention"]))) * (2 if "ratio_end" in cfg else 1)
+    assert 1 <= first <= bound, (first, bound)
+    torch.testing.assert_close(compiled, eager[4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, eager[7], rtol=1e-5, atol=1e-6)
+
+
 # -- the cost model vs FlopCounterMode at the reduced token counts -------------------------------------
 @functools.lru_cache(maxsize=None)
 def _denoiser(family):
@@ -342,9 +462,12 @@ def _denoiser(family):
 def test_cost_model_matches_flop_counter_at_the_reduced_token_count(family):
     model = _denoiser(family)
     kw = tiny.denoiser_inputs(family, batch_size=2)
-    for cfg in ({"ratio": 0.7, "targets": ALL_TARGETS, "max_downsample": 2}, {"method": "todo"}):
+    for cfg in ({"ratio": 0.7, "targets": ALL_TARGETS, "max_downsample": 2}, {"method": "todo"},
+                {"ratio": 0.7, "max_downsample": 2, "proportional": True}):
         if cfg.get("method") == "todo" and family not in TODO_FAMILIES:
             continue
+        if cfg.get("proportional") and family not in PROPORTIONAL_FAMILIES:
+            continue  # the bias is an elementwise add: no FLOPs in the model, none counted by FlopCounterMode
         with torch.no_grad(), fastdiff.accelerated(model, merge=cfg) as h:
             with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
                 model(**kw)

@@ -8,7 +8,9 @@ is copied:
   Text tokens are never merged: joint attention gets the text in `encoder_hidden_states` untouched (only the
   image output, `out[0]`, is unmerged); where the block concatenated [text; image] first, only the image part
   is merged. RoPE is gathered with the same indices as the tokens (a merged token keeps its destination's
-  position), and so is the image part of a key mask.
+  position), and so is the image part of a key mask. With `proportional`, self-attention over the merged tokens
+  also gets log(size) of each merged key as an additive float `attention_mask` (ToMe's proportional attention),
+  where its processor is known to add such a mask to the logits (`MASK_PROCESSORS`); refused elsewhere.
 - todo: self-attention gets the image tokens pooled factor×factor as its key/value input; every query stays,
   nothing is unmerged.
 
@@ -28,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...adapters.base import RopeSpec, specs
+from ...adapters.base import RopeSpec, TokenModule, specs
 from ...cost.model import Reduction, level_grid
 from ...errors import FastDiffError, UnsupportedModelError
 from ..base import Mechanism
@@ -49,6 +51,7 @@ class Plan:
     merge: Callable | None = None
     unmerge: Callable | None = None
     kept: torch.Tensor | None = None  # (B, query) original index each merged row stands for (tome)
+    bias: torch.Tensor | None = None  # (B, 1, query) log sizes: proportional attention's key bias (tome)
 
 
 @dataclass
@@ -57,6 +60,17 @@ class CallState:
     plans: dict[tuple[int, int, int], Plan | None] = field(default_factory=dict)
     block_input: torch.Tensor | None = None  # hidden_states of the transformer block running now (the metric)
     previous: dict = field(default_factory=dict)  # grid -> last step's metric (keep_changed), kept across calls
+
+
+# Attention processors that pass a (B, 1, keys) float `attention_mask` through `Attention.prepare_attention_mask`
+# (repeated per head) and add it to the logits (SDPA's float `attn_mask` / `baddbmm`): proportional attention's way in.
+MASK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+
+def proportional_ok(tm: TokenModule) -> bool:
+    """A self-attention whose keys are its (merged) image tokens only, with no RoPE or key mask of its own: a
+    diffusers `Attention` of a BasicTransformerBlock (its processor is checked on the instance)."""
+    return tm.role == "self_attention" and tm.text == "none" and tm.rope is None and tm.mask_arg is None
 
 
 class TokenMerge(Mechanism):
@@ -104,7 +118,10 @@ class TokenMerge(Mechanism):
             raise UnsupportedModelError(
                 f"{model}: token merging needs the token grid and the attention/MLP submodules of its blocks, which "
                 f"the '{family}' adapter does not describe. Supported families: {tome_ok} (method 'todo': {todo_ok}).")
-        if self.sites(adapter):
+        chosen = self.sites(adapter)
+        if chosen and c.proportional:
+            self._validate_proportional(adapter, chosen)
+        if chosen:
             return
         if c.method == "todo":
             raise UnsupportedModelError(
@@ -115,6 +132,28 @@ class TokenMerge(Mechanism):
         raise UnsupportedModelError(
             f"{model}: merge targets {c.targets} with depth '{c.depth}' select no submodule of the '{family}' family "
             f"(it has: {roles}). Pick targets among those.")
+
+    def _validate_proportional(self, adapter, chosen) -> None:
+        model, family = type(adapter.denoiser).__name__, adapter.name
+        selfs = {s.name: [m for site in s.attention for m in site.modules if m.role == "self_attention"] for s in specs()}
+        ok = sorted(name for name, ms in selfs.items() if ms and all(proportional_ok(m) for m in ms))
+        for s in chosen:
+            if s.spec.role != "self_attention":
+                continue  # queries merged, keys not: nothing to weigh
+            processor = type(getattr(s.module, "processor", None)).__name__
+            if s.spec.text != "none":
+                why = "its keys include the text tokens (joint attention)"
+            elif processor not in MASK_PROCESSORS:
+                why = (f"its attention processor {processor} is not one known to add a (B, 1, keys) float "
+                       f"attention_mask to the logits ({', '.join(MASK_PROCESSORS)})")
+            elif not proportional_ok(s.spec):
+                why = "it takes RoPE or a key mask of its own, which the bias would have to be combined with"
+            else:
+                continue
+            raise UnsupportedModelError(
+                f"{model}: merge option 'proportional' passes log(size) of the merged keys as an additive attention "
+                f"mask to self-attention, which {s.path} ('{family}' family) cannot take: {why}. proportional "
+                f"supports: {ok} with diffusers' default attention processors; drop 'proportional' here.")
 
     def estimate_cost(self, table):
         """Exact for every schedule: the token counts depend on the grid and the step only."""
@@ -243,7 +282,8 @@ class TokenMerge(Mechanism):
                 merge, unmerge = _tome.merge_pair(m)
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
-                plan = Plan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept)
+                bias = _tome.proportional_bias(m).to(image.dtype) if c.proportional else None
+                plan = Plan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept, bias)
         st.plans[grid] = plan
         if plan is not None:
             label = "kv " if c.method == "todo" else ""
@@ -271,6 +311,7 @@ class TokenMerge(Mechanism):
     def _tome_hook(self, site):
         args_of = _sites.Args(site.module)
         spec = site.spec
+        proportional = proportional_ok(spec)  # validate() refused proportional where a self-attention is not
 
         def merged(inner, args, kwargs):
             hidden = args_of.get(args, kwargs, "hidden_states")
@@ -285,6 +326,10 @@ class TokenMerge(Mechanism):
                 x = torch.cat([hidden[:, :n_text], x], dim=1)
             args, kwargs = args_of.set(args, kwargs, "hidden_states", x)
             args, kwargs = self._shrink_mask(site, args_of, args, kwargs, plan)
+            if plan.bias is not None and proportional and self._keys_are_queries(spec, args_of, args, kwargs):
+                # the keys are the merged tokens: weigh each by the originals it stands for (an image mask given
+                # to this self-attention was refused by _shrink_mask, so nothing is overwritten)
+                args, kwargs = args_of.set(args, kwargs, "attention_mask", plan.bias)
             rope = args_of.get(args, kwargs, spec.rope.arg) if spec.rope is not None else None
             batch = hidden.shape[0]
             if rope is not None and spec.rope.batch_dim is None and batch > 1:
@@ -341,6 +386,11 @@ class TokenMerge(Mechanism):
         index = plan.kept.view(b, *([1] * (image.ndim - 2)), n_out).expand(*image.shape[:-1], n_out)
         rest = rest.expand(b, *rest.shape[1:])
         return args_of.set(args, kwargs, spec.mask_arg, torch.cat([image.gather(-1, index), rest], dim=-1))
+
+    @staticmethod
+    def _keys_are_queries(spec: TokenModule, args_of, args, kwargs) -> bool:
+        """No other key input was given (a BasicTransformerBlock with `only_cross_attention` passes the text)."""
+        return spec.kv_arg is None or args_of.get(args, kwargs, spec.kv_arg) is None
 
     def _no_image_mask(self, site, args_of, args, kwargs) -> None:
         if args_of.get(args, kwargs, "attention_mask") is not None:
