@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import adapters
-from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, TelemetryConfig
+from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, dense_table
 from .cost.model import CostModel
@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported",
     "session_of",
-    "FastDiffConfig", "TelemetryConfig", "MergeConfig", "CacheConfig", "GuidanceConfig", "Session", "StepContext",
-    "TokenLayout",
+    "FastDiffConfig", "TelemetryConfig", "MergeConfig", "SparseConfig", "CacheConfig", "GuidanceConfig", "Session",
+    "StepContext", "TokenLayout",
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 

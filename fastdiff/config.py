@@ -261,14 +261,96 @@ class MergeConfig:
         return f"merge[{head}{md}{sched}{depth}]"
 
 
+@dataclass
+class SparseConfig:
+    """Block-sparse self-attention on the token grid: each query block attends only some key blocks.
+
+    Image tokens are taken in tile order (tiles of `tile` tokens per axis become consecutive), so a block is a
+    compact patch of the grid; text tokens always attend, and are attended by, everything.
+
+    Args:
+        pattern: "window" — the key tiles within `window` tiles around the query's (Sliding Tile Attention);
+            "crisscross" — the window plus every tile in the same row and column (and, in video, the same place in
+            other frames; GRAT); "topk" — per query block, the `density` share of key blocks with the highest pooled
+            q·k scores; "topp" — the fewest key blocks holding `top_p` of the pooled score mass.
+        block: tokens per query/key block (a power of two, 16-256): the kernels' unit of skipped work.
+        tile: [frames, height, width] tokens per tile; None: about `block` tokens, square (cubic for video).
+        window: [frames, height, width] window size in tiles (odd numbers: centred), for window / criss-cross,
+            and the base that predicted patterns always keep when `window_base` is set.
+        density: topk: share of the key blocks each query block keeps, in (0, 1].
+        top_p: topp: score mass the kept key blocks must hold, in (0, 1].
+        method: predicted patterns' block scores: "mean" (mean-pooled q and k blocks) or "antidiag" (XAttention:
+            strided antidiagonal sums of q·k inside each block pair).
+        stride: antidiag sampling stride (tokens).
+        window_base: predicted patterns always keep the window around each query block (else only its own block).
+        refresh: predicted patterns are predicted at the first sparse step and reused for `refresh` steps before
+            the next prediction (AdaSpa: patterns hardly change across steps); 0 = predict once per run.
+        start: the first `start` share of the steps runs dense attention (layout forms early).
+        dense_blocks: adapter block indices whose attention stays dense.
+        dense_heads: attention heads that stay dense in every sparse module.
+        backend: force one attention backend ("triton", "gather", "flex", "sdpa"); None chooses (see
+            fastdiff.attention.dispatch; the FASTDIFF_ATTENTION_BACKEND environment variable also forces one).
+    """
+
+    pattern: str = "window"
+    block: int = 64
+    tile: list[int] | None = None
+    window: list[int] = field(default_factory=lambda: [3, 3, 3])
+    density: float = 0.25
+    top_p: float = 0.9
+    method: str = "mean"
+    stride: int = 8
+    window_base: bool = False
+    refresh: int = 0
+    start: float = 0.2
+    dense_blocks: list[int] = field(default_factory=list)
+    dense_heads: list[int] = field(default_factory=list)
+    backend: str | None = None
+
+    def validate(self) -> None:
+        _require(self.pattern in SPARSE_PATTERNS, f"sparse.pattern must be one of {SPARSE_PATTERNS}, got {self.pattern!r}")
+        _require(isinstance(self.block, int) and 16 <= self.block <= 256 and self.block & (self.block - 1) == 0,
+                 f"sparse.block must be a power of two in [16, 256], got {self.block!r}")
+        _require(self.tile is None or (len(self.tile) == 3 and all(isinstance(t, int) and t >= 1 for t in self.tile)),
+                 f"sparse.tile must be None or [frames, height, width] positive ints, got {self.tile!r}")
+        _require(len(self.window) == 3 and all(isinstance(w, int) and w >= 1 for w in self.window),
+                 f"sparse.window must be [frames, height, width] positive ints (tiles), got {self.window!r}")
+        _require(0 < self.density <= 1, f"sparse.density must be in (0, 1], got {self.density}")
+        _require(0 < self.top_p <= 1, f"sparse.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.method in SPARSE_METHODS, f"sparse.method must be one of {SPARSE_METHODS}, got {self.method!r}")
+        _require(isinstance(self.stride, int) and self.stride >= 1, f"sparse.stride must be >= 1, got {self.stride!r}")
+        _require(isinstance(self.refresh, int) and self.refresh >= 0, f"sparse.refresh must be >= 0, got {self.refresh!r}")
+        _require(0 <= self.start < 1, f"sparse.start must be in [0, 1), got {self.start}")
+        for name in ("dense_blocks", "dense_heads"):
+            value = getattr(self, name)
+            _require(all(isinstance(i, int) and i >= 0 for i in value),
+                     f"sparse.{name} must be a list of indices >= 0, got {value!r}")
+        from .attention.dispatch import BACKENDS
+
+        _require(self.backend is None or self.backend in BACKENDS,
+                 f"sparse.backend must be None or one of {BACKENDS}, got {self.backend!r}")
+
+    def strify(self) -> str:
+        knob = {"window": f"w{'x'.join(map(str, self.window))}", "crisscross": f"w{'x'.join(map(str, self.window))}",
+                "topk": f"d{self.density:g},{self.method}", "topp": f"p{self.top_p:g},{self.method}"}[self.pattern]
+        if self.pattern in ("topk", "topp"):
+            knob += (",wb" if self.window_base else "") + f",r{self.refresh}"
+        return f"sparse[{self.pattern},{knob},b{self.block},s{self.start:g}]"
+
+
+SPARSE_PATTERNS = ("window", "crisscross", "topk", "topp")
+SPARSE_METHODS = ("mean", "antidiag")
+
+
 MERGE_METHODS = ("tome", "todo")
 MERGE_TARGETS = ("self_attention", "cross_attention", "mlp")
 MERGE_DEPTHS = ("all", "first", "last")
 
 # Sections in the order mechanisms attach (innermost first). Mechanism issues add their section here.
 # Merging sits inside caching, so a block the cache stands in for never runs its merge hooks (and pays nothing).
-SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "merge": MergeConfig, "cache": CacheConfig,
-                             "guidance": GuidanceConfig}
+# Sparse attention too: a skipped block never calls its attention.
+SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "merge": MergeConfig, "sparse": SparseConfig,
+                             "cache": CacheConfig, "guidance": GuidanceConfig}
 
 
 @dataclass
@@ -278,6 +360,7 @@ class FastDiffConfig:
     Args:
         telemetry: per-call bookkeeping behind `summary()`; costs a few Python operations per block.
         merge: token merging (ToMe / ToDo) inside blocks; None = off.
+        sparse: block-sparse self-attention (window, criss-cross, predicted top-k / top-p); None = off.
         cache: block caching across steps; None = off.
         guidance: skipping the unconditional CFG branch late in sampling; None = off.
         families: per-family section overrides, {family: {section: {key: value}}}, applied when the model's
@@ -287,6 +370,7 @@ class FastDiffConfig:
 
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     merge: MergeConfig | None = None
+    sparse: SparseConfig | None = None
     cache: CacheConfig | None = None
     guidance: GuidanceConfig | None = None
     families: dict = field(default_factory=dict)
@@ -312,6 +396,12 @@ class FastDiffConfig:
             for f in fields(section):
                 _check_type(cls, name, f, getattr(section, f.name))
             section.validate()
+        # Sparse patterns live on the full token grid; merged (or ToDo-pooled) tokens no longer form it.
+        _require(self.sparse is None or self.merge is None or
+                 (self.merge.method == "tome" and "self_attention" not in self.merge.targets),
+                 "sections 'sparse' and 'merge' both act on self-attention: sparse patterns need the full token grid "
+                 "that merging shrinks. Keep merging to other targets (merge.targets: [mlp] or [cross_attention]) or "
+                 "drop one section")
         _require(isinstance(self.families, dict), f"config 'families' must be a mapping, got {type(self.families).__name__}")
         for family, over in self.families.items():
             _require(isinstance(family, str), f"config 'families' keys are family names, got {family!r}")

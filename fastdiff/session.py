@@ -52,8 +52,10 @@ class Session:
 
     # -- attach / detach ----------------------------------------------------------------------------
     def attach(self) -> None:
+        attached = []
         try:
             for mechanism in self.mechanisms:  # innermost first
+                attached.append(mechanism)
                 mechanism.attach(self.adapter, self)
             if self.scheduler is not None:
                 self.hooks.wrap(self.scheduler, "fastdiff.clock.set_timesteps", self._on_set_timesteps,
@@ -64,6 +66,8 @@ class Session:
             self.denoiser.__dict__[ATTR] = self
         except BaseException:
             self.hooks.remove()
+            for mechanism in attached:  # a mechanism may hold more than hooks (sparse attention routes SDPA)
+                mechanism.detach()
             self.denoiser.__dict__.pop(ATTR, None)
             raise
 

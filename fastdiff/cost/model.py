@@ -6,9 +6,10 @@ attention module (anything with `to_q`/`to_k` linears) a term "4 × Nq × Nk × 
 ops and norms are left out, as torch's FlopCounterMode leaves them out. Evaluation is pure arithmetic,
 so the planner can price any resolution, text length or token/sparsity reduction without running.
 
-Token reductions (merging) are priced per submodule: `block_flops(layout, {path: Reduction(...)})` counts
-every term under `path` at the reduced number of image tokens — queries and per-token layers at
-`Reduction.query`, key/value projections and attention keys at `Reduction.keys` — plus `Reduction.extra`.
+Token reductions (merging) and sparse attention are priced per submodule:
+`block_flops(layout, {path: Reduction(...)})` counts every term under `path` at the reduced number of image
+tokens — queries and per-token layers at `Reduction.query`, key/value projections and attention keys at
+`Reduction.keys`, attention pairs times `Reduction.density` — plus `Reduction.extra`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class Reduction:
         query: image tokens its queries and per-token layers (projections, MLP) see.
         keys: image tokens its keys and values come from (`to_k`/`to_v` inputs, attention keys).
         extra: FLOPs spent on top for the reduction itself (e.g. the similarity matmul of a token matching).
+        density: fraction of the (query, key) pairs its attention computes (block-sparse attention); 1 = dense.
     """
 
     query: int
     keys: int
     extra: float = 0.0
+    density: float = 1.0
 
 
 KV_PROJECTIONS = (".to_k", ".to_v")  # linears that see the keys' tokens (ToDo pools only these)
@@ -129,7 +132,7 @@ class CostModel:
         if term.kind == "attention":
             nq = sum(tokens(s, layout, term.level, q) for s in term.q_streams)
             nk = sum(tokens(s, layout, term.level, k) for s in term.kv_streams)
-            return term.coef * nq * nk
+            return term.coef * nq * nk * (1.0 if reduction is None else reduction.density)
         image = k if term.path.endswith(KV_PROJECTIONS) else q
         return term.coef * tokens(term.stream, layout, term.level, image)
 

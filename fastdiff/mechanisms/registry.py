@@ -6,10 +6,11 @@ from ..config import SECTIONS, FastDiffConfig
 from .base import Mechanism
 from .caching import GuidanceSkip, StepCache
 from .merging import TokenMerge
+from .sparse_attention import SparseAttention
 from .telemetry import Telemetry
 
-MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "merge": TokenMerge, "cache": StepCache,
-                                          "guidance": GuidanceSkip}
+MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "merge": TokenMerge, "sparse": SparseAttention,
+                                          "cache": StepCache, "guidance": GuidanceSkip}
 assert set(MECHANISMS) == set(SECTIONS), "every config section needs its mechanism"
 
 

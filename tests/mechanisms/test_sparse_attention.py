@@ -1,0 +1,259 @@
+"""Sparse attention: patterns are what they say at the token level, the mechanism computes exactly the masked
+attention, runs on every family's tiny model, is bit-identical where it lists every block, and leaves nothing
+behind."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from fastdiff import tiny
+from fastdiff.adapters.base import TokenModule
+from fastdiff.attention import dispatch
+from fastdiff.config import SparseConfig
+from fastdiff.context import RunState, StepContext, TokenLayout
+from fastdiff.errors import ConfigError, FastDiffError, UnsupportedModelError
+from fastdiff.mechanisms.sparse_attention import SparseAttention
+from fastdiff.mechanisms.sparse_attention import patterns as P
+from tests.adapters.test_families import FAMILIES
+
+VIDEO = {"wan", "cogvideox", "hunyuan"}
+
+
+def token_window(grid, tile, window):
+    """(N, N) bool in raster order, from coordinates alone: key tile within window // 2 tiles on every axis."""
+    f, h, w = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    tiles = coords.reshape(-1, 3) // torch.tensor(tile)
+    dist = (tiles[:, None, :] - tiles[None, :, :]).abs()
+    return (dist <= torch.tensor([x // 2 for x in window])).all(-1)
+
+
+def in_sequence_order(geom, block_mask):
+    """A (Q, K) block mask as the (N, N) token mask in the module's own sequence order."""
+    tok = block_mask.repeat_interleave(geom.block, 0)[: geom.n].repeat_interleave(geom.block, 1)[:, : geom.n]
+    out = torch.empty_like(tok)
+    order = geom.order if geom.order is not None else torch.arange(geom.n)
+    out[order[:, None], order[None, :]] = tok
+    return out
+
+
+@pytest.mark.parametrize("grid,tile,window", [((1, 16, 16), (1, 4, 4), (1, 3, 3)), ((1, 8, 12), (1, 4, 4), (1, 1, 1)),
+                                              ((4, 8, 8), (2, 4, 4), (3, 3, 3)), ((4, 8, 8), (2, 4, 4), (1, 1, 3))])
+def test_window_is_the_tile_neighbourhood(grid, tile, window):
+    geom = P.geometry(grid, 0, False, tile, math.prod(tile))
+    got = in_sequence_order(geom, P.window(geom, window))
+    assert torch.equal(got, token_window(grid, tile, window))
+
+
+def test_full_window_and_text_are_dense():
+    geom = P.geometry((1, 17, 23), 7, True, (1, 4, 4), 16)  # odd grid, text first: edge tiles straddle blocks
+    assert bool(P.window(geom, (1, 9, 11)).all())  # a window of the whole grid lists every block
+    m = P.window(geom, (1, 1, 1))
+    assert bool(m[geom.text].all()) and bool(m[:, geom.text].all())  # text attends and is attended everywhere
+    tok = in_sequence_order(geom, m)
+    assert bool(tok[:7].all()) and bool(tok[:, :7].all())  # the text positions of the sequence (first 7)
+    order = geom.order
+    assert sorted(order.tolist()) == list(range(geom.n))
+
+
+def test_crisscross_adds_rows_and_columns():
+    geom = P.geometry((1, 16, 16), 0, False, (1, 4, 4), 16)
+    cc = in_sequence_order(geom, P.crisscross(geom, (1, 1, 1)))
+    tiles = torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij"), -1).reshape(-1, 2) // 4
+    same_row, same_col = (tiles[:, None, 0] == tiles[None, :, 0]), (tiles[:, None, 1] == tiles[None, :, 1])
+    assert torch.equal(cc, same_row | same_col)
+    assert P.density(geom, P.crisscross(geom, (1, 1, 1))) == pytest.approx(7 / 16)
+
+
+def test_to_index_round_trip():
+    mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    mask[0, 0, 1] = False  # an empty row
+    index, count = P.to_index(mask)
+    from fastdiff.attention.blockwise import listed_blocks
+
+    assert torch.equal(listed_blocks(index, count, 7), mask)
+    assert bool((index[..., 1:] >= index[..., :-1]).all())  # ascending, padding repeats the last id
+
+
+def _attend(cfg, grid, q, k, v, n_text=0, text="none", position="none", step=0):
+    """The mechanism's attention on raw q/k/v, outside any model: pattern, tile order and backend together."""
+    mech = SparseAttention(SparseConfig(**cfg))
+    mech.adapter = SimpleNamespace(name="test", spec=SimpleNamespace(text_position=position))
+    mech.session = SimpleNamespace(state=RunState())
+    layout = TokenLayout(grid, n_text, position)
+    rec = SimpleNamespace(ctx=StepContext(0, step, 4, 0.0, 0, ("?",) * q.shape[0], layout), reductions={},
+                          decisions={})
+    site = SimpleNamespace(path="attn", level=0, spec=TokenModule("attn", "self_attention", text=text))
+    return mech._attend(site, rec, q, k, v, None, None), rec
+
+
+@pytest.mark.parametrize("backend", ["gather", "sdpa", "flex"])
+@pytest.mark.parametrize("n_text,position", [(0, "none"), (5, "first"), (5, "last")])
+def test_mechanism_computes_the_masked_attention(backend, n_text, position):
+    grid, tile, window = (1, 8, 12), (1, 4, 4), (1, 1, 1)
+    n_img = math.prod(grid)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n_img + n_text, 16) for _ in range(3))
+    cfg = dict(pattern="window", block=16, tile=list(tile), window=list(window), backend=backend)
+    text = "none" if not n_text else "separate"
+    out, rec = _attend(cfg, grid, q, k, v, n_text, text, position)
+    allowed = torch.ones(n_img + n_text, n_img + n_text, dtype=torch.bool)
+    img = slice(n_text, None) if position == "first" else slice(0, n_img)
+    allowed[img, img] = token_window(grid, tile, window)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert 0 < rec.reductions["attn"].density < 1
+
+
+def test_family_tiny_models_run_each_pattern():
+    """Every family, window and criss-cross (predicted patterns: below): runs, changes the output, reports a density
+    below 1, the estimate prices it, and remove() restores bit-identical output."""
+    for family in FAMILIES:
+        pipe = tiny.build_pipeline(family)
+        kw = _big(family)
+        base = run(pipe, family, **kw)
+        for pattern in ("window", "crisscross"):
+            h = fastdiff.apply(pipe, {"sparse": _cfg(pattern)})
+            out = run(pipe, family, **kw)
+            s = h.summary()
+            h.remove()
+            assert torch.isfinite(out).all(), (family, pattern)
+            dens = s.mechanisms["sparse"]["density"]
+            if family == "dit":  # 4x4 tokens: one block, dense, untouched
+                assert torch.equal(out, base) and not dens
+                continue
+            assert not torch.equal(out, base), (family, pattern)
+            assert dens and all(0 < d < 1 for d in dens.values()), (family, pattern, dens)
+            assert s.flops < s.dense_flops, (family, pattern)
+            assert torch.equal(run(pipe, family, **kw), base), (family, pattern)
+
+
+def _cfg(pattern, **kw):
+    return {"pattern": pattern, "block": 16, "window": [1, 1, 1], "start": 0.0, **kw}
+
+
+def _big(family):
+    """Grids with several 16-token blocks (the tiny defaults have 16 tokens per frame; DiT's size is fixed)."""
+    return {} if family == "dit" else {"scale": 2 if family in VIDEO | {"sd15", "sdxl"} else 4}
+
+
+def run(pipe, family, scale=1, **kw):
+    kwargs = tiny.pipeline_kwargs(family, **kw)
+    if scale > 1:
+        kwargs["height"] *= scale
+        kwargs["width"] *= scale
+    with torch.no_grad():
+        return tiny.output_tensor(pipe(**kwargs))
+
+
+@pytest.mark.parametrize("pattern", ["topk", "topp"])
+def test_predicted_patterns_on_families(pattern):
+    """Predicted patterns on a DiT-like, a joint-text and a video family: run, report a density, restore."""
+    for family in ("pixart", "flux", "wan"):
+        pipe = tiny.build_pipeline(family)
+        kw = _big(family)
+        base = run(pipe, family, **kw)
+        h = fastdiff.apply(pipe, {"sparse": _cfg(pattern, density=0.3, top_p=0.5)})
+        out = run(pipe, family, **kw)
+        dens = h.summary().mechanisms["sparse"]["density"]
+        h.remove()
+        assert torch.isfinite(out).all() and not torch.equal(out, base), family
+        assert dens and all(0 < d < 1 for d in dens.values()), (family, dens)
+        assert torch.equal(run(pipe, family, **kw), base)
+
+
+def test_prediction_is_reused_across_steps_and_reset_between_runs(monkeypatch):
+    pipe = tiny.build_pipeline("pixart")
+    calls = []
+    real = dispatch.predict
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dispatch, "predict", counting)
+    sites = 2  # the tiny PixArt's two self-attention modules
+    for refresh, per_run in ((0, 1), (2, 3)):  # 5 steps: predicted once, or at steps 0, 2 and 4
+        h = fastdiff.apply(pipe, {"sparse": _cfg("topk", refresh=refresh)})
+        for _ in range(2):
+            calls.clear()
+            a = run(pipe, "pixart", scale=4, steps=5)
+            assert len(calls) == per_run * sites * 1, (refresh, len(calls))  # batched CFG: one call slot
+        b = run(pipe, "pixart", scale=4, steps=5)
+        h.remove()
+        assert torch.equal(a, b)  # a new run predicts afresh: nothing carried over
+
+
+def test_batch_rows_get_their_own_pattern():
+    """Two samples in one batch give what each gives alone (each row predicts its own blocks)."""
+    pipe = tiny.build_pipeline("pixart")
+    h = fastdiff.apply(pipe, {"sparse": _cfg("topk")})
+    kw = tiny.pipeline_kwargs("pixart", batch_size=2, seed=3)
+    for key in ("height", "width"):
+        kw[key] *= 4
+    kw["generator"] = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    with torch.no_grad():
+        both = tiny.output_tensor(pipe(**kw))
+        for i, seed in enumerate((11, 12)):
+            one = {k: (v[i: i + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v) for k, v in kw.items()}
+            one["generator"] = torch.Generator().manual_seed(seed)
+            torch.testing.assert_close(tiny.output_tensor(pipe(**one)), both[i: i + 1], rtol=1e-3, atol=1e-3)
+    h.remove()
+
+
+def test_dense_settings_are_bit_identical():
+    """A window over the whole grid, dense steps, dense heads for every head: the model's own SDPA, bit for bit."""
+    pipe = tiny.build_pipeline("sd3")
+    base = run(pipe, "sd3", scale=4)
+    heads = pipe.transformer.config.num_attention_heads
+    for cfg in (_cfg("window", window=[1, 99, 99]), _cfg("window", start=0.9),
+                _cfg("crisscross", dense_heads=list(range(heads)))):
+        h = fastdiff.apply(pipe, {"sparse": cfg})
+        out = run(pipe, "sd3", scale=4)
+        h.remove()
+        assert torch.equal(out, base), cfg
+
+
+def test_estimate_matches_the_run_and_composes_with_cache():
+    pipe = tiny.build_pipeline("pixart")
+    cfg = {"sparse": _cfg("window", start=0.4)}
+    h = fastdiff.apply(pipe, cfg)
+    run(pipe, "pixart", scale=4, steps=5)
+    s = h.summary()
+    h.remove()
+    est = fastdiff.estimate(pipe, cfg, steps=5, height=64, width=64, text_tokens=s.per_step[0].text_tokens)
+    assert est.flops == pytest.approx(s.flops, rel=1e-9)  # static patterns: the run's own accounting, exactly
+    assert est.speedup == pytest.approx(s.estimated_speedup, rel=1e-9) and est.speedup > 1.1
+    h = fastdiff.apply(pipe, {**cfg, "cache": {"policy": "static", "interval": 2}})
+    run(pipe, "pixart", scale=4, steps=5)
+    both = h.summary()
+    h.remove()
+    assert both.flops < s.flops  # reused blocks run no attention at all
+
+
+def test_refusals_touch_nothing():
+    with pytest.raises(ConfigError, match="block"):
+        SparseConfig(block=48).validate()
+    with pytest.raises(ConfigError, match="merge"):
+        fastdiff.FastDiffConfig(sparse={}, merge={}).validate()
+    pipe = tiny.build_pipeline("pixart")
+    base = run(pipe, "pixart", scale=4)
+    with pytest.raises(UnsupportedModelError, match="dense_blocks"):
+        fastdiff.apply(pipe, {"sparse": _cfg("window", dense_blocks=[0, 1])})
+    assert torch.equal(run(pipe, "pixart", scale=4), base)
+    # a processor that computes attention without SDPA cannot be made sparse: a clear error, not a silent no-op
+    from diffusers.models.attention_processor import AttnProcessor
+
+    procs = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(AttnProcessor())
+    h = fastdiff.apply(pipe, {"sparse": _cfg("window")})
+    with pytest.raises(FastDiffError, match="scaled_dot_product_attention"):
+        run(pipe, "pixart", scale=4)
+    h.remove()
+    pipe.transformer.set_attn_processor(procs)
+    assert torch.equal(run(pipe, "pixart", scale=4), base)
+    assert F.scaled_dot_product_attention is dispatch._sdpa  # nothing left routed
