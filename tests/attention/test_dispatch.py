@@ -129,3 +129,22 @@ def test_route_only_inside_handling():
     finally:
         route.uninstall()
     assert F.scaled_dot_product_attention is dispatch._sdpa
+
+
+def test_triton_backend_agrees():
+    """The fused kernel (real GPU, else Triton's interpreter: small fp32 shapes) through dispatch."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        from fastdiff.kernels.runtime import use_interpreter
+
+        use_interpreter()  # what tests/kernels does for the whole session: kernels decorated for the interpreter
+        dispatch._triton_ready.cache_clear()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    b, h, n, d, block = 1, 2, 63, 32, 16
+    q, k, v = (torch.randn(b, h, n, d, device=device) for _ in range(3))
+    index, count = random_lists(1, h, n, n, block, 0.5, seed=9, empty_row=True)
+    want = brute(q.cpu(), k.cpu(), v.cpu(), index, count, block)
+    sparse = dispatch.BlockSparse(index.to(device), count.to(device), block)
+    got = dispatch.attention(q, k, v, sparse, backend="triton")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -322,10 +322,14 @@ def test_every_preset_accelerates_every_family_by_the_cost_model():
             size = {"height": kw.get("height", 16), "width": kw.get("width", 16)}
             if "num_frames" in kw:
                 size["num_frames"] = kw["num_frames"]
-            if preset.startswith("merge-"):
-                # Merging pays with the token count (attention is quadratic in it): a merge preset is priced where it
+            if preset.startswith(("merge-", "sparse-")):
+                # Merging and sparse attention pay with the token count (attention is quadratic in it): such a preset
+                # is priced where it
                 # is meant to run, 768-4096 image tokens on its merged level, not on the tiny 16-64 token grids.
                 size["height"] = size["width"] = 256 if family in tiny.VIDEO_FAMILIES else 128
+            if preset.startswith("sparse-"):
+                # 4096 image tokens (FLUX / SD3 at 1024 px); video: 3 x 32 x 32 tokens (a short clip at 512 px)
+                size["height"] = size["width"] = 512 if family in tiny.VIDEO_FAMILIES else 256
             if (preset, family) in REFUSED:
                 with pytest.raises(fastdiff.UnsupportedModelError, match="ToDo supports"):
                     fastdiff.estimate(pipe, preset=preset, steps=20, **size)

@@ -107,17 +107,17 @@ class SparseAttention(Mechanism):
         chosen = self.sites(table.model.adapter)
         steps = len(table.rows) // table.calls_per_step
         dense = table.model.block_flops(table.layout)
-        sparse = table.model.block_flops(table.layout, self.reductions(chosen, table.layout))
+        sparse = table.model.block_flops(table.layout, self.reductions(chosen, table.layout, table.model.adapter))
         rows = []
         for i, row in enumerate(table.rows):
             active = self._active(i // table.calls_per_step, steps)
             rows.append([v * sparse[b] / dense[b] if active and dense[b] else v for b, v in enumerate(row)])
         return table.with_rows(rows)
 
-    def reductions(self, chosen, layout) -> dict[str, Reduction]:
+    def reductions(self, chosen, layout, adapter) -> dict[str, Reduction]:
         out = {}
         for s in chosen:
-            geom = self._geometry(s, level_grid(layout.grid, s.level), self._text_tokens(s, layout))
+            geom = self._geometry(s, level_grid(layout.grid, s.level), self._text_tokens(s, layout), adapter)
             d = self._expected_density(geom, getattr(s.module, "heads", 1))
             if d < 1:
                 n = math.prod(geom.grid)
@@ -166,7 +166,7 @@ class SparseAttention(Mechanism):
                 f"sparse attention: {site.path} attends over {q.shape[2]} tokens, but the call's token grid at its "
                 f"level is {grid} ({n_img} tokens); the '{self.adapter.name}' adapter's layout does not describe it")
         key_mask = _key_mask(mask, q.shape[0], q.shape[2], site.path)
-        geom = self._geometry(site, grid, n_text)
+        geom = self._geometry(site, grid, n_text, self.adapter)
         heads = q.shape[1]
         if any(h >= heads for h in c.dense_heads):
             raise FastDiffError(f"sparse.dense_heads {c.dense_heads}: {site.path} has only {heads} heads")
@@ -192,11 +192,11 @@ class SparseAttention(Mechanism):
         rec.decisions[self.name] = f"{c.pattern}"
         return out
 
-    def _geometry(self, site, grid, n_text) -> _patterns.Geometry:
+    def _geometry(self, site, grid, n_text, adapter) -> _patterns.Geometry:
         c = self.config
         tile = tuple(c.tile) if c.tile else _patterns.default_tile(grid, c.block)
         text_first = site.spec.text == "first" or (site.spec.text == "separate" and
-                                                  self.adapter.spec.text_position == "first")
+                                                  adapter.spec.text_position == "first")
         return _patterns.geometry(grid, n_text, text_first, tile, c.block)
 
     def _text_tokens(self, site, layout) -> int:
