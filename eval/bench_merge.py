@@ -10,6 +10,8 @@ many tokens, so benchmark at sizes where the merged level holds 1000+ of them (t
 64x64 latent, 4096 tokens at a UNet's level 0, 32x32 = 1024 tokens for a patch-2 DiT). Tiny DiTs take their size
 from the transformer config, so for them a DiT of that sample size is built with the tiny config.
 
+--methods "tome (self-attn),tomesd": only these rows (FASTDIFF's method names, "tomesd") after the baseline.
+
 --sweep 32,64,128,256: instead, where merging starts to pay: baseline vs ToMe 0.5 and ToDo 2x2 at each size
 (fewer steps), with the tokens of the merged level, written to <out>/sweep.md and sweep.json.
 
@@ -27,6 +29,7 @@ import csv
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -44,6 +47,7 @@ RATIOS = (0.3, 0.5, 0.7)
 FASTDIFF = {
     "tome (self-attn)": {r: {"method": "tome", "ratio": r} for r in RATIOS},
     "tome (self-attn + mlp)": {r: {"method": "tome", "ratio": r, "targets": ["self_attention", "mlp"]} for r in RATIOS},
+    "tome proportional (self-attn)": {r: {"method": "tome", "ratio": r, "proportional": True} for r in RATIOS},
     "todo": {"f2": {"method": "todo", "factor": 2}, "f3": {"method": "todo", "factor": 3}},
 }
 
@@ -106,6 +110,8 @@ def run(args):
         print(_line(row), flush=True)
 
     for method, levels in FASTDIFF.items():
+        if args.methods and method not in args.methods:
+            continue
         for level, merge in levels.items():
             try:
                 with fastdiff.accelerated(wl.pipe, merge=merge) as h:
@@ -119,7 +125,7 @@ def run(args):
             measure(f"fastdiff {method}", level, out, times, config=s.config, flops_speedup=s.estimated_speedup,
                     tokens=tokens.replace("merge=", ""), note="")
 
-    if not args.no_tomesd:
+    if not args.no_tomesd and (not args.methods or "tomesd" in args.methods):
         rows += run_tomesd(wl, args, measure)
     return rows, wl
 
@@ -194,7 +200,7 @@ def write_sweep(rows, args) -> None:
     lines = [f"# Where token merging starts to pay: {args.model}", "",
              f"- **device**: {timing.device()}, {torch.get_num_threads()} thread(s); torch {torch.__version__}, "
              f"diffusers {__import__('diffusers').__version__}",
-             "- **command**: python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), "",
+             "- **command**: python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), "",
              "| size px | tokens on the merged level | baseline s | " + " | ".join(f"{n} speedup (FLOPs x)" for n in names)
              + " |", "|---" * (3 + len(names)) + "|"]
     for r in rows:
@@ -219,7 +225,7 @@ def write(rows, wl, out: Path) -> None:
     env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
                diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
                tomesd=_version("tomesd"), python=platform.python_version(),
-               command="python -m fastdiff.eval.bench_merge " + " ".join(sys.argv[1:]), workload=wl.describe,
+               command="python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), workload=wl.describe,
                trained=wl.trained)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
     keys = ["method", "level", "time_s", "spread_s", "speedup", "psnr", "ssim", "flops_speedup", "accuracy", "tokens",
@@ -264,10 +270,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--no-tomesd", action="store_true")
+    ap.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",")], default=None,
+                    help=f"comma-separated subset of {list(FASTDIFF)} and 'tomesd' (default: all)")
     ap.add_argument("--sweep", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="comma-separated sizes: measure where merging starts to pay instead")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    unknown = set(args.methods or ()) - set(FASTDIFF) - {"tomesd"}
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose among {list(FASTDIFF)} and 'tomesd'")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sweep:
