@@ -189,7 +189,8 @@ class SparseAttention(Mechanism):
         # densest, so the report never overstates the savings.
         if prev is None or prev.density < dens:
             rec.reductions[site.path] = Reduction(n_img, n_img, density=dens)
-        rec.decisions[self.name] = f"{c.pattern}"
+        dens_all = [r.density for r in rec.reductions.values() if r.density < 1]
+        rec.decisions[self.name] = f"{c.pattern} d{sum(dens_all) / len(dens_all):.3f}"  # this call's mean density
         return out
 
     def _geometry(self, site, grid, n_text, adapter) -> _patterns.Geometry:
