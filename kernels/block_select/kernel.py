@@ -85,7 +85,7 @@ def _antidiag_logits(q_base, k_base, a, c, N_Q, N_K, stride_qn, stride_qd, strid
     """Unscaled strided logits (TILE_A, TILE_C): query sub-row a against key sub-row c along the cell antidiagonal,
     sum_j q[a*STRIDE + STRIDE-1-j] . k[c*STRIDE + j]; rows past N load zeros."""
     s = tl.full([TILE_A, TILE_C], 0.0, dtype=tl.float32)
-    for j in tl.static_range(STRIDE):
+    for j in range(STRIDE):
         rq = a * STRIDE + (STRIDE - 1 - j)
         rk = c * STRIDE + j
         qj = tl.load(q_base + rq[:, None] * stride_qn + offs_d[None, :] * stride_qd,

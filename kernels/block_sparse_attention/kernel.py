@@ -11,6 +11,7 @@ smallest tl.dot size). The EVEN_* flags drop those masks when the shapes divide,
 
 import triton
 import triton.language as tl
+from triton import OutOfResources  # noqa: F401 - the launcher catches it without importing triton itself
 
 from .. import tl_std
 

@@ -14,13 +14,21 @@ MAX_HEAD_DIM = 256
 MAX_BLOCK = 256
 
 
-def _launch_config(block_q: int, block_k: int, block_d: int) -> tuple[int, int]:
-    """(num_warps, num_stages) by tile size: 4 warps hold a 64-row tile; 128-row tiles or D=256 need 8 to keep the
-    accumulator in registers; deep pipelines only while K/V tiles stay small enough for shared memory."""
-    tile = block_q * block_d
-    num_warps = 8 if block_q >= 128 or tile > 64 * 128 else 4
-    num_stages = 3 if block_k * block_d <= 64 * 128 else 2
-    return num_warps, num_stages
+def _launch_configs(block_q: int, block_k: int, block_d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) to try in order. Chosen with ptxas for sm_90 (no register spills at D = 64/128/256,
+    blocks 16..128): 4 warps hold a 64-row tile, 128-row tiles or D >= 256 need 8; fp32 (3xTF32 MMA, wider operands)
+    needs 8. Fewer stages follow for GPUs with less shared memory than Hopper (consumer cards: ~100 KB a block)."""
+    if dtype == torch.float32:
+        num_warps, num_stages = 8, 2
+    else:
+        num_warps = 8 if block_q >= 128 or block_q * block_d > 64 * 128 else 4
+        num_stages = 3 if block_k * block_d <= 64 * 128 else 2
+    return [(num_warps, stages) for stages in range(num_stages, 0, -1)]
+
+
+# (block_q, block_k, block_d, dtype, device) -> the first config that fit this GPU's shared memory; a memo of a pure
+# function of the hardware, like triton's own compile cache, never per-run state
+_FITTED: dict = {}
 
 
 def _check_blocks(block_q, block_k) -> None:
@@ -100,16 +108,25 @@ def block_sparse_attention(q, k, v, kv_index, kv_count, block_q: int = 64, block
     count = kv_count.expand(b, h, qb)
 
     block_d = max(16, next_pow2(d))
-    num_warps, num_stages = _launch_config(block_q, block_k, block_d)
-    grid = (qb, b * h)
-    mod._block_sparse_attn_fwd[grid](
-        q, k, v, out, index, count,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *index.stride(), *count.stride(),
-        h, nq, nk, scale * mod.LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_q, BLOCK_N=block_k,
-        EVEN_M=nq % block_q == 0, EVEN_N=nk % block_k == 0, EVEN_D=d == block_d,
-        # fp32 inputs would default to TF32 on tensor cores (~1e-3 error); fp32 callers ask for accuracy
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    key = (block_q, block_k, block_d, q.dtype, q.device)
+    configs = _FITTED.get(key) or _launch_configs(block_q, block_k, block_d, q.dtype)
+    for num_warps, num_stages in configs:
+        try:
+            mod._block_sparse_attn_fwd[(qb, b * h)](
+                q, k, v, out, index, count,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *index.stride(), *count.stride(),
+                h, nq, nk, scale * mod.LOG2E,
+                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_q, BLOCK_N=block_k,
+                EVEN_M=nq % block_q == 0, EVEN_N=nk % block_k == 0, EVEN_D=d == block_d,
+                # fp32 would default to TF32 (~1e-3 error); 3xTF32 keeps fp32 accuracy on tensor cores, where a
+                # plain fp32 FMA product spills registers
+                DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+                num_warps=num_warps, num_stages=num_stages,
+            )
+        except mod.OutOfResources:  # raised before launch when shared memory does not fit: try fewer stages
+            if (num_warps, num_stages) == configs[-1]:
+                raise
+            continue
+        _FITTED[key] = [(num_warps, num_stages)]
+        break
     return out
