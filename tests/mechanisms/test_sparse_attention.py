@@ -257,3 +257,22 @@ def test_refusals_touch_nothing():
     pipe.transformer.set_attn_processor(procs)
     assert torch.equal(run(pipe, "pixart", scale=4), base)
     assert F.scaled_dot_product_attention is dispatch._sdpa  # nothing left routed
+
+
+def test_compiled_blocks_give_the_eager_sparse_output():
+    """torch.compile'd blocks: the routed attention still runs sparse (the decision code is compiler-disabled)."""
+    pipe = tiny.build_pipeline("pixart")
+    h = fastdiff.apply(pipe, {"sparse": _cfg("window")})
+    eager = run(pipe, "pixart", scale=4)
+    blocks = pipe.transformer.transformer_blocks
+    try:
+        for b in blocks:
+            b.compile(backend="aot_eager")
+        compiled = run(pipe, "pixart", scale=4)
+        dens = h.summary().mechanisms["sparse"]["density"]
+    finally:
+        for b in blocks:
+            b._compiled_call_impl = None  # back to eager for the other tests sharing nothing but this process
+        h.remove()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert dens and all(d < 1 for d in dens.values())
