@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per measurement (after warm-up)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, fixed tiny shapes (overrides --n/--d)")
     p.add_argument("--compile-only", action="store_true", help="compile the kernel configs for --arch, no GPU needed")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only (90 = H100)")
     p.add_argument("--out", type=Path, default=None)
@@ -302,6 +302,7 @@ def compile_only(args) -> None:
     from triton.compiler import ASTSource
 
     from fastdiff.kernels.block_select import kernel as sel
+    from fastdiff.kernels.block_select.launcher import antidiag_config, mean_config
     from fastdiff.kernels.block_sparse_attention import kernel as attn
     from fastdiff.kernels.block_sparse_attention.launcher import _launch_configs
 
@@ -344,13 +345,19 @@ def compile_only(args) -> None:
             print(f"attention D={d} {args.block_q}x{args.block_k} even={even} warps={warps} stages={stages}: "
                   f"{regs} registers, {spill} bytes spilled, {smem} bytes shared")
         qk = {"Q": f"*{tl_dtype}", "K": f"*{tl_dtype}", "OUT": "*fp32"}
+        qb, kb = runtime.cdiv(max(args.n), args.block_q), runtime.cdiv(max(args.n), args.block_k)
+        config = mean_config(qb, block_d)
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
         regs, spill, smem = build(sel._mean_scores_kernel, qk, dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=args.block_q,
-                                  BLOCK_K=args.block_k, TILE_QB=128, TILE_KB=16), 8, 1)
+                                  BLOCK_K=args.block_k, **config), warps, stages)
         print(f"predictor mean D={d}: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
         stride = min(16, args.block_q, args.block_k)
+        rows_q, rows_k = args.block_q // stride, args.block_k // stride
+        config = antidiag_config(rows_q, rows_k, qb * rows_q, kb * rows_k, block_d)
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
         regs, spill, smem = build(sel._antidiag_scores_kernel, qk, dict(
-            HEAD_DIM=d, BLOCK_D=block_d, STRIDE=stride, ROWS_Q=args.block_q // stride, ROWS_K=args.block_k // stride,
-            TILE_A=64, TILE_C=64, DOT_PRECISION="tf32x3" if tl_dtype == "fp32" else "tf32"), 8, 2)
+            HEAD_DIM=d, BLOCK_D=block_d, STRIDE=stride, ROWS_Q=rows_q, ROWS_K=rows_k,
+            DOT_PRECISION="tf32x3" if tl_dtype == "fp32" else "tf32", **config), warps, stages)
         print(f"predictor antidiag D={d} stride {stride}: {regs} registers, {spill} bytes spilled, {smem} bytes shared")
 
 

@@ -24,11 +24,12 @@ LOG2E = 1.4426950408889634  # read by the launcher: logits are kept in log2 unit
 @triton.jit
 def _pool_rows(base, blocks, n, stride_n, stride_d, offs_d, mask_d, BLOCK: tl.constexpr, TILE: tl.constexpr,
                BLOCK_D: tl.constexpr):
-    """Mean over the valid rows of each listed block: (TILE, BLOCK_D) fp32."""
+    """Mean over the valid rows of each listed block: (TILE, BLOCK_D) fp32. Row offsets in int64: N * row stride
+    overflows int32 for long videos."""
     acc = tl.full([TILE, BLOCK_D], 0.0, dtype=tl.float32)
     for r in range(BLOCK):
         rows = blocks * BLOCK + r
-        x = tl.load(base + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+        x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d,
                     mask=(rows < n)[:, None] & mask_d[None, :], other=0.0)
         acc += x.to(tl.float32)
     counts = tl.minimum(tl.maximum(n - blocks * BLOCK, 1), BLOCK)
@@ -88,9 +89,9 @@ def _antidiag_logits(q_base, k_base, a, c, N_Q, N_K, stride_qn, stride_qd, strid
     for j in range(STRIDE):
         rq = a * STRIDE + (STRIDE - 1 - j)
         rk = c * STRIDE + j
-        qj = tl.load(q_base + rq[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        qj = tl.load(q_base + rq.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                      mask=(rq < N_Q)[:, None] & mask_d[None, :], other=0.0)
-        kj = tl.load(k_base + rk[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kj = tl.load(k_base + rk.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(rk < N_K)[None, :] & mask_d[:, None], other=0.0)
         s = tl.dot(qj, kj, s, input_precision=DOT_PRECISION)
     return s

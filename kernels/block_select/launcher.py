@@ -41,6 +41,20 @@ def _tile(rows: int, total: int, cap: int) -> int:
     return max(16, rows, min(cap, next_pow2(total)))
 
 
+# Launch configs, checked with ptxas for sm_90 at D = 40..256 (no register spills; `bench_kernels --compile-only`).
+def mean_config(qb: int, block_d: int) -> dict:
+    """Mean scores: many query blocks per program (each program pools all of K once), 16 key blocks per step (a
+    fp32 FMA dot: registers, not tensor cores, bound the tile)."""
+    tile_q = _tile(1, qb, 128 if block_d <= 128 else 64)
+    return dict(TILE_QB=tile_q, TILE_KB=16, num_warps=8 if tile_q >= 64 else 4, num_stages=1)
+
+
+def antidiag_config(rows_q: int, rows_k: int, n_a: int, n_c: int, block_d: int) -> dict:
+    """Antidiagonal scores: up to 64 x 64 strided sub-rows per step, 8 warps."""
+    return dict(TILE_A=_tile(rows_q, n_a, 64), TILE_C=_tile(rows_k, n_c, 64), num_warps=8,
+                num_stages=2 if block_d <= 128 else 1)
+
+
 def block_scores(q, k, block_q: int, block_k: int, method: str = "mean", stride: int = 8, scale=None) -> torch.Tensor:
     """(B, H, QB, KB) fp32 block-importance scores from the fused Triton kernel; rows are distributions over key
     blocks. Same definition as block_scores_reference."""
@@ -54,23 +68,20 @@ def block_scores(q, k, block_q: int, block_k: int, method: str = "mean", stride:
     out = torch.empty(b, h, qb, kb, dtype=torch.float32, device=q.device)
     block_d = max(16, next_pow2(d))
     strides = (*q.stride(), *k.stride(), *out.stride())
-    # tile sizes and warps checked with ptxas for sm_90 (D = 64, 128): no register spills. Mean: many query blocks
-    # per program (each program pools all of K once), few key blocks per step (fp32 FMA dot, registers).
     if method == "mean":
-        tile_q, tile_k = _tile(1, qb, 128), 16
-        mod._mean_scores_kernel[(cdiv(qb, tile_q), b * h)](
+        config = mean_config(qb, block_d)
+        mod._mean_scores_kernel[(cdiv(qb, config["TILE_QB"]), b * h)](
             q, k, out, *strides, h, nq, nk, qb, kb, scale * mod.LOG2E,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, TILE_QB=tile_q, TILE_KB=tile_k,
-            num_warps=8 if tile_q >= 64 else 4, num_stages=1,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, **config,
         )
         return out
-    rows_q, rows_k = block_q // stride, block_k // stride
-    tile_a, tile_c = _tile(rows_q, cdiv(nq, stride), 64), _tile(rows_k, cdiv(nk, stride), 64)
-    mod._antidiag_scores_kernel[(cdiv(cdiv(nq, stride), tile_a), b * h)](
+    rows_q, rows_k, n_a = block_q // stride, block_k // stride, cdiv(nq, stride)
+    config = antidiag_config(rows_q, rows_k, n_a, cdiv(nk, stride), block_d)
+    mod._antidiag_scores_kernel[(cdiv(n_a, config["TILE_A"]), b * h)](
         q, k, out, *strides, h, nq, nk, qb, kb, scale / stride * mod.LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, STRIDE=stride, ROWS_Q=rows_q, ROWS_K=rows_k, TILE_A=tile_a, TILE_C=tile_c,
+        HEAD_DIM=d, BLOCK_D=block_d, STRIDE=stride, ROWS_Q=rows_q, ROWS_K=rows_k,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",  # fp32 accuracy on tensor cores
-        num_warps=8, num_stages=2 if block_d <= 128 else 1,
+        **config,
     )
     return out
 

@@ -37,17 +37,20 @@ def _block_sparse_attn_fwd(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit base offsets: B * H * N * D overflows int32 for long videos
+    # 64-bit scalar bases (B * H * N * D, and N * row stride for long videos, overflow int32); the per-tile
+    # offsets added to them stay small int32 tensors
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    start_m = qb * BLOCK_M
 
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N_Q
+    mask_m = (start_m + offs_m) < N_Q
     mask_d = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
     # K is read transposed (BLOCK_D, BLOCK_N) so that tl.dot(q, k) is q @ k^T without a register transpose
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -66,13 +69,15 @@ def _block_sparse_attn_fwd(
 
     for i in range(0, count):
         start_n = tl.load(idx_ptr + i * stride_ik) * BLOCK_N
+        k_tile = k_ptrs + start_n.to(tl.int64) * stride_kn
+        v_tile = v_ptrs + start_n.to(tl.int64) * stride_vn
         if EVEN_N and EVEN_D:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
+            k = tl.load(k_tile)
+            v = tl.load(v_tile)
         else:
             mask_n = (start_n + offs_n) < N_K
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            k = tl.load(k_tile, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            v = tl.load(v_tile, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if not EVEN_N:
@@ -90,7 +95,8 @@ def _block_sparse_attn_fwd(
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
 
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = (OUT + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+              + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od)
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty))
     else:
