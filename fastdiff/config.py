@@ -280,7 +280,9 @@ class SparseConfig:
         density: topk: share of the key blocks each query block keeps, in (0, 1].
         top_p: topp: score mass the kept key blocks must hold, in (0, 1].
         method: predicted patterns' block scores: "mean" (mean-pooled q and k blocks) or "antidiag" (XAttention:
-            strided antidiagonal sums of q·k inside each block pair).
+            strided antidiagonal sums of q·k inside each block pair). Pooled means flatten the scores, so "topp"
+            with "mean" keeps most blocks: use "antidiag" with "topp" (it costs about 1/stride of dense attention,
+            once per prediction).
         stride: antidiag sampling stride (tokens).
         window_base: predicted patterns always keep the window around each query block (else only its own block).
         refresh: predicted patterns are predicted at the first sparse step and reused for `refresh` steps before

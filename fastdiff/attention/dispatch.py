@@ -55,13 +55,21 @@ def sdpa(*args, **kwargs):
 
 
 @functools.cache
-def _triton_ready() -> str | None:
-    """None when the Triton kernels can run here, else why not."""
+def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _triton_ready() -> str | None:
+    """None when the Triton kernels can run here, else why not (not cached: the interpreter may be switched on)."""
+    from ..kernels.runtime import interpreting
+
+    if not _triton_installed():
         return "triton is not installed (pip install 'fastdiff[kernels]')"
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() or interpreting():
         return None
     return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, very slowly)"
 
@@ -78,7 +86,8 @@ def choose(q: torch.Tensor, key_mask: torch.Tensor | None = None, backend: str |
             if why:
                 raise FastDiffError(f"attention backend 'triton' was forced but cannot run: {why}")
         return forced
-    if q.is_cuda and key_mask is None and _triton_ready() is None:
+    # the kernel's fast paths are half precision; fp32 (3xTF32) is exact but slower than the gathered blocks
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_mask is None and _triton_ready() is None:
         return "triton"
     return "gather"
 
