@@ -533,3 +533,26 @@ def test_keep_changed_protects_the_most_changed_tokens_end_to_end():
     assert not torch.equal(outs[0], outs[1]) and torch.isfinite(outs[1]).all()
     with pytest.raises(fastdiff.ConfigError, match="keep_changed"):
         fastdiff.apply(pipe, merge={"method": "todo", "keep_changed": 0.2})
+
+
+def test_share_block_matches_per_transformer_block_and_level_per_grid(monkeypatch):
+    """share "block": one matching per transformer block and call; "level": one per token grid and call. The
+    estimate charges the similarity matmul once per matching either way, as the run does."""
+    pipe = tiny.build_pipeline("sd15")
+    calls = []
+    real = tome.match
+    monkeypatch.setattr(tome, "match", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = {}
+    for share in ("block", "level"):
+        h = fastdiff.apply(pipe, merge={"ratio": 0.5, "share": share})
+        calls.clear()
+        run(pipe, "sd15", steps=2)
+        s = h.summary()
+        h.remove()
+        counts[share] = (len(calls), s.flops)
+    n_calls = 2  # two steps, batched CFG: one denoiser call each
+    assert counts["level"][0] == n_calls * 1  # the tiny SD1.5 merges on one level only (max_downsample 1)
+    assert counts["block"][0] > counts["level"][0]
+    assert counts["block"][1] > counts["level"][1]  # more matchings, more FLOPs accounted
+    with pytest.raises(fastdiff.ConfigError, match="share"):
+        fastdiff.load_config(merge={"share": "step"})

@@ -14,10 +14,10 @@ is copied:
 - todo: self-attention gets the image tokens pooled factor×factor as its key/value input; every query stays,
   nothing is unmerged.
 
-One matching per (denoiser call, step, token grid) — i.e. per UNet level — is computed at the first merged
-submodule of that grid, from the input of the transformer block holding it (a light hook on each such block keeps
-a reference), and shared by every other submodule on the grid in that call (state in the run state's per-call
-slot). Merging attaches inside caching: a block the cache stands in
+One matching per (denoiser call, step, transformer block) — with `share: level`, per token grid, i.e. per UNet
+level — is computed at the first merged submodule it covers, from the input of the transformer block holding it (a
+light hook on each such block keeps a reference), and shared by the other submodules it covers in that call (state
+in the run state's per-call slot). Merging attaches inside caching: a block the cache stands in
 for never calls its submodules, so it pays nothing. Every submodule that ran on fewer tokens is recorded on the
 call (`CallRecord.reductions`), which `summary()` prices with the cost model.
 """
@@ -57,9 +57,9 @@ class Plan:
 @dataclass
 class CallState:
     record: Any = None  # the CallRecord the plans belong to
-    plans: dict[tuple[int, int, int], Plan | None] = field(default_factory=dict)
+    plans: dict[Any, Plan | None] = field(default_factory=dict)  # share key -> plan
     block_input: torch.Tensor | None = None  # hidden_states of the transformer block running now (the metric)
-    previous: dict = field(default_factory=dict)  # grid -> last step's metric (keep_changed), kept across calls
+    previous: dict = field(default_factory=dict)  # share key -> last step's metric (keep_changed), kept across calls
 
 
 # Attention processors that pass a (B, 1, keys) float `attention_mask` through `Attention.prepare_attention_mask`
@@ -187,8 +187,8 @@ class TokenMerge(Mechanism):
             if r == 0:
                 continue
             extra = 0.0
-            if grid not in matched:  # the similarity matmul, once per grid: sources × destinations × channels
-                matched.add(grid)
+            if self._share_key(s, grid) not in matched:  # the similarity matmul, once per matching
+                matched.add(self._share_key(s, grid))
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * _sites.width(s.module)
             out[s.path] = Reduction(n - r, n - r, extra)
@@ -257,8 +257,9 @@ class TokenMerge(Mechanism):
         rec = st.record
         ctx = rec.ctx
         grid = level_grid(ctx.layout.grid, site.level)
-        if grid in st.plans:
-            return st.plans[grid]
+        key = self._share_key(site, grid)
+        if key in st.plans:
+            return st.plans[key]
         n = math.prod(grid)
         if image.shape[1] != n:
             raise FastDiffError(
@@ -278,24 +279,29 @@ class TokenMerge(Mechanism):
                 metric = st.block_input
                 if not isinstance(metric, torch.Tensor) or metric.shape[:2] != image.shape[:2]:
                     metric = image
-                m = _tome.match(metric, grid, r, c.sx, c.sy, gen, self._protect(st, grid, metric))
+                m = _tome.match(metric, grid, r, c.sx, c.sy, gen, self._protect(st, key, metric))
                 merge, unmerge = _tome.merge_pair(m)
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
                 bias = _tome.proportional_bias(m).to(image.dtype) if c.proportional else None
                 plan = Plan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept, bias)
-        st.plans[grid] = plan
+        st.plans[key] = plan
         if plan is not None:
             label = "kv " if c.method == "todo" else ""
-            rec.decisions[self.name] = label + ",".join(f"{p.n}>{p.keys if c.method == 'todo' else p.query}"
-                                                        for p in st.plans.values() if p is not None)
+            counts = dict.fromkeys(f"{p.n}>{p.keys if c.method == 'todo' else p.query}"
+                                   for p in st.plans.values() if p is not None)  # one entry per distinct reduction
+            rec.decisions[self.name] = label + ",".join(counts)
         return plan
 
-    def _protect(self, st: CallState, grid, metric: torch.Tensor) -> torch.Tensor | None:
+    def _share_key(self, site, grid):
+        """Submodules with the same key share one matching in a call: the transformer block, or the token grid."""
+        return grid if self.config.share == "level" or self.config.method == "todo" else (grid, site.owner)
+
+    def _protect(self, st: CallState, key, metric: torch.Tensor) -> torch.Tensor | None:
         """keep_changed: the tokens whose metric moved most since this call slot's previous step are not merged."""
         k = int(self.config.keep_changed * metric.shape[1])
-        prev = st.previous.get(grid)
-        st.previous[grid] = metric
+        prev = st.previous.get(key)
+        st.previous[key] = metric
         if k == 0 or prev is None or prev.shape != metric.shape:
             return None
         change = (metric - prev).float().norm(dim=-1)  # (B, N)
