@@ -101,10 +101,8 @@ def _references(args, wl) -> dict:
     refs = {"inception": args.inception_weights}
     reference = workloads._reference()
     if reference is not None and args.model in reference.names():
-        from .reference.data import load_split
-
         refs["classifier"] = reference.load_classifier(args.model)
-        refs["real"] = load_split("held_out")[0]
+        refs["real"] = reference.held_out(args.model)[0]  # the model's data set, at its size
     if args.lpips_weights:
         print("LPIPS: torchmetrics' LPIPS builds its backbone through torchvision, which does not import beside this "
               "torch build; skipped")

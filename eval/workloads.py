@@ -1,8 +1,8 @@
 """What a benchmark runs: a pipeline plus the call that makes one batch of samples, rebuilt fresh per run
 (generators are consumed by a call) so every configuration sees the same seeds.
 
-- "ref-digits" (and any other name of `fastdiff.eval.reference`): a model this project trained; fidelity
-  numbers mean something.
+- "ref-digits", "ref-unet", "ref-textures" (the names of `fastdiff.eval.reference`): models this project trained
+  (a DiT on digits, a UNet2DConditionModel on digits, a DiT on photograph crops); fidelity numbers mean something.
 - a family name of `fastdiff.tiny` ("dit", "flux", ...): seeded random weights; good for latency and for
   checking that a method runs, while its fidelity numbers are optimistic — reports say so.
 """
@@ -35,17 +35,19 @@ def load(name: str, *, samples: int, steps: int, seed: int = 0, guidance: float 
     if reference is not None and name in reference.names():
         pipe = reference.load(name)
         pipe.set_progress_bar_config(disable=True)
-        scale = 3.0 if guidance is None else guidance  # the model card's headline setting
+        scale = 3.0 if guidance is None else guidance  # the model cards' headline setting
+        classes = reference.num_classes(name)
 
         def make(indices=None):
-            # sample i is class i % 10 from generator seed + i, whatever batch it runs in
+            # sample i is class i % classes from generator seed + i, whatever batch it runs in
             indices = range(samples) if indices is None else indices
-            return dict(class_labels=[i % 10 for i in indices], num_inference_steps=steps, guidance_scale=scale,
+            return dict(class_labels=[i % classes for i in indices], num_inference_steps=steps, guidance_scale=scale,
                         generator=[torch.Generator().manual_seed(seed + i) for i in indices], output_type="pt")
 
+        denoiser = type(find_parts(pipe)[1]).__name__
         return Workload(name, pipe, make, lambda out: out.images, True,
-                        f"{name} (trained by fastdiff), {samples} samples (classes 0-9 cycled), {steps} steps, "
-                        f"CFG {scale}, DPMSolver++", samples=samples)
+                        f"{name} ({denoiser} trained by fastdiff), {samples} samples (classes 0-{classes - 1} cycled), "
+                        f"{steps} steps, CFG {scale}, DPMSolver++", samples=samples)
     if name in tiny.FAMILIES:
         pipe = tiny.build_pipeline(name)
 

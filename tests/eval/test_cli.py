@@ -1,5 +1,6 @@
-"""The evaluation tool: metric code against known values, the CLI end to end on a tiny model, resumable
-sweeps, and a 2-process run (torchrun, gloo on CPU) that gathers exactly the single-process numbers."""
+"""The evaluation tool: metric code against known values, the CLI end to end on a tiny model and on the trained
+ref-unet, resumable sweeps, and a 2-process run (torchrun, gloo on CPU) that gathers exactly the single-process
+numbers."""
 
 import json
 import math
@@ -27,20 +28,28 @@ def test_frechet_distance_is_zero_on_itself_and_the_mean_shift_squared():
     assert metrics.frechet_distance(a, a + 0.5) == pytest.approx(6 * 0.25, rel=1e-7)  # sqrtm by eigh: ~1e-9
 
 
-def _run_cli(out, *extra):
-    cli.main(["--model", "dit", "--preset", "cache-safe", "--samples", "4", "--batch-size", "2", "--steps", "4",
+def _run_cli(out, *extra, model="dit"):
+    cli.main(["--model", model, "--preset", "cache-safe", "--samples", "4", "--batch-size", "2", "--steps", "4",
               "--threads", "1", "--out", str(out), *extra])
 
 
-def test_cli_writes_results_and_resumes(tmp_path):
-    _run_cli(tmp_path)
+@pytest.mark.parametrize("model", ["dit", "ref-unet"])  # random-weight tiny DiT; the trained reference UNet
+def test_cli_writes_results_and_resumes(tmp_path, model):
+    _run_cli(tmp_path, model=model)
     for name in ("baseline.json", "cache-safe.json", "results.csv", "results.json", "pareto.png", "cache-safe.png"):
         assert (tmp_path / name).exists(), name
     row = json.loads((tmp_path / "cache-safe.json").read_text())
-    assert row["samples"] == 4 and row["flops_speedup"] > 1 and 30 < row["psnr"] < math.inf
-    assert json.loads((tmp_path / "baseline.json").read_text())["psnr"] == math.inf
+    base = json.loads((tmp_path / "baseline.json").read_text())
+    assert row["samples"] == 4 and row["flops_speedup"] > 1 and row["psnr"] < math.inf
+    assert base["psnr"] == math.inf
+    if model == "dit":
+        assert row["psnr"] > 30  # random weights: caching hardly changes anything
+    else:  # a reference model: judged by its classifier, against held-out real digits and the baseline
+        assert 0 <= row["class_accuracy"] <= 1 and row["fd_classifier_vs_baseline"] > 0
+        # itself: zero up to the square root of a rank-3 covariance (4 samples, 128 features); real digits: far
+        assert abs(base["fd_classifier_vs_baseline"]) < 1e-3 < base["fd_classifier_vs_real"]
     stamp = (tmp_path / "cache-safe.json").stat().st_mtime_ns
-    _run_cli(tmp_path)  # resumed: the finished config is kept, not recomputed
+    _run_cli(tmp_path, model=model)  # resumed: the finished config is kept, not recomputed
     assert (tmp_path / "cache-safe.json").stat().st_mtime_ns == stamp
 
 
