@@ -46,7 +46,7 @@ RATIOS = (0.3, 0.5, 0.7)
 # method -> level (ratio) -> merge section; ToDo's key reduction is set by its factor, not a ratio
 FASTDIFF = {
     "tome (self-attn)": {r: {"method": "tome", "ratio": r} for r in RATIOS},
-    "tome (self-attn, one matching per level)": {r: {"method": "tome", "ratio": r, "share": "level"} for r in RATIOS},
+    "tome per level (self-attn)": {r: {"method": "tome", "ratio": r, "share": "level"} for r in RATIOS},
     "tome (self-attn + mlp)": {r: {"method": "tome", "ratio": r, "targets": ["self_attention", "mlp"]} for r in RATIOS},
     "tome proportional (self-attn)": {r: {"method": "tome", "ratio": r, "proportional": True} for r in RATIOS},
     "todo": {"f2": {"method": "todo", "factor": 2}, "f3": {"method": "todo", "factor": 3}},
