@@ -28,10 +28,6 @@ from diffusers import (
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
-from fastdiff.adapters.base import CfgLayout
-from fastdiff.adapters.unet import SPEC as _UNET_SPEC
-from fastdiff.context import UNCOND
-
 
 class ClassEmbedding(ModelMixin, ConfigMixin):
     """Class id -> `tokens` learned embeddings of width `dim`: the `encoder_hidden_states` of a class-conditional
@@ -174,7 +170,3 @@ class ClassUNetPipeline(_ClassPipeline):
             eps = uncond + self._guidance_scale * (cond - uncond)
         return eps
 
-
-# fastdiff's adapters know CFG layouts by pipeline class name (data, as for StableDiffusionPipeline): this one is
-# SD's, flag included. Declared here, beside the class, so it holds wherever the class exists.
-_UNET_SPEC.pipelines.setdefault(ClassUNetPipeline.__name__, CfgLayout("batched", UNCOND))

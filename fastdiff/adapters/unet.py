@@ -49,7 +49,8 @@ SPEC = register(FamilySpec(
     level=_level,
     pipelines={name: CfgLayout("batched", UNCOND) for name in (
         "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")},
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+        "ClassUNetPipeline")},  # the last: fastdiff's reference UNet pipeline (eval/reference), SD's CFG layout
     text_tokens=77,
     text_position="cross",
     # the BasicTransformerBlocks inside each level's Transformer2DModel (`attentions.i.transformer_blocks.j`)
