@@ -57,10 +57,11 @@ def test_two_processes_gather_the_single_process_numbers(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run_cli(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdiff.eval.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--master_port={_free_port()}", "--nproc_per_node", "2",
+           "-m", "fastdiff.eval.cli",
            "--model", "dit", "--preset", "cache-safe", "--samples", "4", "--batch-size", "2", "--steps", "4",
            "--threads", "1", "--out", str(two)]
-    # --standalone: a free rendezvous port (a fixed one collides with any other torchrun on the machine)
+    # a free rendezvous port: torchrun's fixed default collides with any other torchrun on the machine
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert torch.equal(torch.load(one / "baseline.pt"), torch.load(two / "baseline.pt"))
@@ -68,3 +69,11 @@ def test_two_processes_gather_the_single_process_numbers(tmp_path):
     assert b["processes"] == 2 and a["processes"] == 1
     for key in ("psnr", "ssim", "flops_speedup", "samples"):
         assert a[key] == b[key], key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
