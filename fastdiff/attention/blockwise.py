@@ -1,12 +1,13 @@
 """Block-sparse attention in plain torch: the semantics every backend must match, and a CPU path that really
 skips work.
 
-- `dense_mask`: the (B, H, Nq, Nk) boolean mask a block list means (the `sdpa` backend feeds it to SDPA: exact,
-  but it computes every pair).
 - `gathered`: for each query block, only its listed key blocks are gathered and attended with SDPA. Query blocks
   are bucketed by how many key blocks they list, so a few dense rows (text blocks attend everything) do not make
   every row pay for the longest list. Work is about density × dense, plus the gather.
 - `flex_block_mask`: the same lists as a FlexAttention BlockMask.
+
+Converting between lists and masks is the kernels' layout code (`fastdiff.kernels.block_sparse_attention.layout`),
+which dispatch re-exports: one definition of the format for every backend.
 """
 
 from __future__ import annotations
@@ -23,22 +24,6 @@ CHUNK_BYTES = 256 * 2**20
 def expand_lists(kv_index: torch.Tensor, kv_count: torch.Tensor, b: int, h: int):
     """Broadcast (1|B, 1|H, Q, K) lists to (B, H, Q, K) views (no copy)."""
     return kv_index.expand(b, h, *kv_index.shape[2:]), kv_count.expand(b, h, kv_count.shape[-1])
-
-
-def listed_blocks(kv_index, kv_count, kb: int) -> torch.Tensor:
-    """(..., Q, kb) bool: the key blocks each query block lists."""
-    valid = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count.unsqueeze(-1)
-    # padding entries go to a spare column (they repeat a listed id, and a later False would overwrite it)
-    where = torch.where(valid, kv_index.long(), kb)
-    blocks = torch.zeros(*kv_index.shape[:-1], kb + 1, dtype=torch.bool, device=kv_index.device)
-    return blocks.scatter_(-1, where, True)[..., :kb]
-
-
-def dense_mask(kv_index, kv_count, nq: int, nk: int, block: int) -> torch.Tensor:
-    """(Bi, Hi, nq, nk) bool: True where the lists let a query token see a key token."""
-    blocks = listed_blocks(kv_index, kv_count, math.ceil(nk / block))
-    mask = blocks.repeat_interleave(block, dim=-2)[..., :nq, :].repeat_interleave(block, dim=-1)[..., :nk]
-    return mask
 
 
 def gathered(q, k, v, kv_index, kv_count, block: int, scale: float | None = None,
@@ -88,15 +73,15 @@ def gathered(q, k, v, kv_index, kv_count, block: int, scale: float | None = None
     return out.reshape(b, h, qb * block, dv)[:, :, :nq]
 
 
-def flex_block_mask(kv_index, kv_count, b: int, h: int, nq: int, nk: int, block: int,
+def flex_block_mask(kv_index, kv_count, allowed, b: int, h: int, nq: int, nk: int, block: int,
                     key_mask: torch.Tensor | None = None):
-    """The lists as a FlexAttention BlockMask. Its mask_mod says the same as the lists (flex's eager path computes
-    from mask_mod alone; the compiled one skips the unlisted blocks) and drops the padded tail and masked keys."""
+    """The lists as a FlexAttention BlockMask; `allowed` is the same lists as a (B, H, Q, KB) block mask. Its
+    mask_mod says the same as the lists (flex's eager path computes from mask_mod alone; the compiled one skips the
+    unlisted blocks) and drops the padded tail and masked keys."""
     from torch.nn.attention.flex_attention import BlockMask
 
     index, count = expand_lists(kv_index, kv_count, b, h)
     kb = math.ceil(nk / block)
-    allowed = listed_blocks(index, count, kb)
     keys_ok = torch.ones(b, nk, dtype=torch.bool, device=index.device)
     if key_mask is not None:
         keys_ok &= key_mask.to(torch.bool).expand(b, nk)

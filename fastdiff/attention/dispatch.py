@@ -17,6 +17,7 @@ Dense attention always goes to SDPA itself, bit-identical to the model without f
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDiffError
+
+# The kernels' block-list format (pure torch, no triton import), re-exported for the patterns and backends here.
+from ..kernels.block_sparse_attention.layout import index_to_mask, mask_to_index, token_mask  # noqa: F401
 from . import blockwise
 
 BACKENDS = ("triton", "gather", "flex", "sdpa")
@@ -112,9 +116,12 @@ def attention(q, k, v, sparse: BlockSparse | None = None, *, scale: float | None
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        mask = blockwise.flex_block_mask(sparse.kv_index, sparse.kv_count, b, h, nq, nk, sparse.block, key_mask)
+        allowed = index_to_mask(*blockwise.expand_lists(sparse.kv_index, sparse.kv_count, b, h),
+                                math.ceil(nk / sparse.block))
+        mask = blockwise.flex_block_mask(sparse.kv_index, sparse.kv_count, allowed, b, h, nq, nk, sparse.block,
+                                         key_mask)
         return flex_attention(q, k, v, block_mask=mask, scale=scale)
-    mask = blockwise.dense_mask(sparse.kv_index, sparse.kv_count, nq, nk, sparse.block)
+    mask = token_mask(sparse.kv_index, sparse.kv_count, nq, nk, sparse.block, sparse.block)
     if key_mask is not None:
         mask = mask & key_mask.to(torch.bool)[:, None, None, :]
     out = _sdpa(q, k, v, attn_mask=mask, scale=scale)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastdiff.attention import blockwise, dispatch, route
+from fastdiff.attention import dispatch, route
 from fastdiff.errors import FastDiffError
 
 SLOW_BACKENDS = ("gather", "flex", "sdpa")
@@ -38,9 +38,7 @@ def random_lists(b, h, nq, nk, block, density, seed, empty_row=False):
     mask[..., 0, 0] = True
     if empty_row:
         mask[..., -1, :] = False
-    from fastdiff.mechanisms.sparse_attention.patterns import to_index
-
-    return to_index(mask)
+    return dispatch.mask_to_index(mask, trim=True)
 
 
 @pytest.mark.parametrize("nq,nk,d", [(63, 63, 16), (200, 200, 32), (257, 257, 64), (70, 130, 16)])
@@ -80,7 +78,7 @@ def test_key_mask_and_all_blocks():
 
 def test_dense_mask_is_the_lists():
     index, count = random_lists(1, 2, 50, 40, 16, 0.5, seed=3)
-    mask = blockwise.dense_mask(index, count, 50, 40, 16)
+    mask = dispatch.token_mask(index, count, 50, 40, 16, 16)
     for h in range(2):
         for qb in range(4):
             listed = set(index[0, h, qb, : count[0, h, qb]].tolist())

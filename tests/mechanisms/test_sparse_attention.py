@@ -72,10 +72,8 @@ def test_crisscross_adds_rows_and_columns():
 def test_to_index_round_trip():
     mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
     mask[0, 0, 1] = False  # an empty row
-    index, count = P.to_index(mask)
-    from fastdiff.attention.blockwise import listed_blocks
-
-    assert torch.equal(listed_blocks(index, count, 7), mask)
+    index, count = dispatch.mask_to_index(mask, trim=True)
+    assert torch.equal(dispatch.index_to_mask(index, count, 7), mask)
     assert bool((index[..., 1:] >= index[..., :-1]).all())  # ascending, padding repeats the last id
 
 

@@ -149,17 +149,3 @@ def density(geom: Geometry, mask: torch.Tensor) -> float:
     pairs = geom.sizes[:, None] * geom.sizes[None, :]
     m = mask.reshape(-1, geom.blocks, geom.blocks).to(torch.long)
     return float((m * pairs).sum() / (m.shape[0] * geom.n * geom.n))
-
-
-def to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block mask (Bi, Hi, Q, K) as the kernels' lists: ascending key-block ids, valid ones first (int32), and
-    how many are valid. Padding repeats the last valid id so every entry is in range."""
-    count = mask.sum(-1, dtype=torch.int32)
-    k = max(1, int(count.max()))
-    ids = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    # selected ids first, ascending: sort on (not selected, id)
-    order = torch.argsort(torch.where(mask, ids, ids + mask.shape[-1]), dim=-1)[..., :k]
-    last = order.gather(-1, (count.long() - 1).clamp(min=0).unsqueeze(-1))
-    pos = torch.arange(k, device=mask.device)
-    index = torch.where(pos < count.unsqueeze(-1), order, last)
-    return index.to(torch.int32).contiguous(), count.contiguous()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ...adapters.base import specs
-from ...attention import blockwise, dispatch, route
+from ...attention import dispatch, route
 from ...cost.model import Reduction, level_grid
 from ...errors import FastDiffError, UnsupportedModelError
 from ..base import Mechanism
@@ -245,7 +245,7 @@ class SparseAttention(Mechanism):
             if bool(mask.all()):
                 self._static[key] = (None, 1.0)
             else:
-                index, count = _patterns.to_index(mask)
+                index, count = dispatch.mask_to_index(mask, trim=True)
                 self._static[key] = (dispatch.BlockSparse(index.to(device), count.to(device), geom.block), dens)
         return self._static[key]
 
@@ -265,10 +265,10 @@ class SparseAttention(Mechanism):
         top_p = c.top_p if c.pattern == "topp" else None
         index, count, _ = dispatch.predict(qp, kp, geom.block, top_k=top_k, top_p=top_p, method=c.method,
                                            stride=c.stride, keep=keep, scale=scale)
-        mask = blockwise.listed_blocks(index, count, geom.blocks)
+        mask = dispatch.index_to_mask(index, count, geom.blocks)
         if c.dense_heads:
             mask = self._with_dense_heads(mask, q.shape[1])
-            index, count = _patterns.to_index(mask)
+            index, count = dispatch.mask_to_index(mask, trim=True)
         dens = _patterns.density(geom, mask.cpu())  # once per prediction: one device sync per refresh
         sparse = dispatch.BlockSparse(index, count, geom.block)
         st.predicted[site.path] = Predicted(sparse, dens, step)
