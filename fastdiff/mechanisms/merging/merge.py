@@ -1,6 +1,6 @@
 """Token merging inside blocks: ToMe-SD merge/unmerge or ToDo key/value pooling around token submodules.
 
-Which submodules: the family's `FamilySpec.attention` data (`sites.py`), filtered by `targets`, the UNet level
+Which submodules: the family's `FamilySpec.attention` data (`mechanisms/sites.py`), filtered by `targets`, the UNet level
 rule (`max_downsample`) and the depth rule. Each one's forward is wrapped with a named hook — no block forward
 is copied:
 
@@ -33,8 +33,8 @@ import torch
 from ...adapters.base import RopeSpec, TokenModule, specs
 from ...cost.model import Reduction, level_grid
 from ...errors import FastDiffError, UnsupportedModelError
+from .. import sites as _sites
 from ..base import Mechanism
-from . import sites as _sites
 from . import todo as _todo
 from . import tome as _tome
 

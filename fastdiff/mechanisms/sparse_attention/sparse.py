@@ -29,8 +29,8 @@ from ...adapters.base import specs
 from ...attention import dispatch, route
 from ...cost.model import Reduction, level_grid
 from ...errors import FastDiffError, UnsupportedModelError
+from .. import sites as _sites
 from ..base import Mechanism
-from ..merging import sites as _sites
 from . import patterns as _patterns
 
 

@@ -1,4 +1,5 @@
-"""Where merging hooks go: the adapter's TokenSite data resolved to the submodules of one denoiser.
+"""Where token-level hooks go (token merging, sparse attention): the adapter's TokenSite data resolved to the
+submodules of one denoiser.
 
 A `Site` is one submodule (e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn1`) with its role, its
 UNet level and the adapter block that holds it. `Args` reads and replaces a forward argument by name whether
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...adapters.base import BlockAdapter, TokenModule
+from ..adapters.base import BlockAdapter, TokenModule
 
 
 @dataclass
