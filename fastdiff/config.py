@@ -1,14 +1,18 @@
 """Configuration: one dataclass per mechanism, gathered in FastDiffConfig.
 
 Every config validates itself (`validate()` raises ConfigError) so that `fastdiff.apply` can refuse
-bad input before it touches the model. Configs round-trip through plain dicts and YAML (omegaconf),
-and `strify()` gives a compact, stable name for logs and result files.
+bad input before it touches the model. Configs round-trip through plain dicts and YAML, and `strify()`
+gives a compact, stable name for logs and result files.
+
+YAML files are read as plain data (`yaml.safe_load`): no interpolation, no tags, so a config file can neither read
+the environment nor run code, and errors quote at most a key and a value, never the file.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,18 +22,33 @@ from typing import Any
 from .errors import ConfigError
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr of a user value for an error message, cut short: a message names a value, it never dumps input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_fields(cls, data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known, key=repr)  # YAML keys may be ints: never compare mixed types
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+        shown = ", ".join(_shown(k, 40) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ConfigError(f"unknown key(s) [{shown}] in {where}; valid keys: {sorted(known)}")
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def _check_types(section: Any) -> None:
+    """Every field of a section against its type hint; the first thing each section's validate() does, so the
+    range checks after it compare numbers, never bools, NaNs or strings."""
+    name = next((n for n, cls in SECTIONS.items() if cls is type(section)), type(section).__name__)
+    for f in fields(section):
+        _check_type(type(section), name, f, getattr(section, f.name))
 
 
 @dataclass
@@ -43,7 +62,7 @@ class TelemetryConfig:
     enabled: bool = True
 
     def validate(self) -> None:
-        _require(isinstance(self.enabled, bool), f"telemetry.enabled must be a bool, got {self.enabled!r}")
+        _check_types(self)
 
     def strify(self) -> str:
         return ""
@@ -97,9 +116,10 @@ class CacheConfig:
     offload: bool = False
 
     def validate(self) -> None:
-        _require(self.policy in CACHE_POLICIES, f"cache.policy must be one of {CACHE_POLICIES}, got {self.policy!r}")
+        _check_types(self)
+        _require(self.policy in CACHE_POLICIES, f"cache.policy must be one of {CACHE_POLICIES}, got {_shown(self.policy)}")
         _require(self.estimator in CACHE_ESTIMATORS,
-                 f"cache.estimator must be one of {CACHE_ESTIMATORS}, got {self.estimator!r}")
+                 f"cache.estimator must be one of {CACHE_ESTIMATORS}, got {_shown(self.estimator)}")
         _require(self.order in (1, 2), f"cache.order must be 1 or 2, got {self.order}")
         _require(1 <= self.interval <= 100, f"cache.interval must be in [1, 100], got {self.interval}")
         _require(0 <= self.threshold <= 10, f"cache.threshold must be in [0, 10], got {self.threshold}")
@@ -108,10 +128,14 @@ class CacheConfig:
         _require(0 <= self.boundary <= 1, f"cache.boundary must be in [0, 1], got {self.boundary}")
         _require(0 < self.stage_blocks <= 1, f"cache.stage_blocks must be in (0, 1], got {self.stage_blocks}")
         if self.rescale is not None:
-            _require(len(self.rescale) >= 1 and all(isinstance(c, (int, float)) and not isinstance(c, bool)
-                                                    for c in self.rescale),
-                     f"cache.rescale must be a non-empty list of numbers, got {self.rescale!r}")
+            _require(len(self.rescale) >= 1, "cache.rescale must be a non-empty list of numbers (highest power first)")
             _require(self.policy == "residual", "cache.rescale applies to the residual policy only")
+            # The policy clamps the predicted change at 0 and reuses while the sum stays below threshold: a
+            # polynomial that predicts no positive change for any real change reuses every step after warm-up.
+            probe = [i / 64 for i in range(1, 65)]
+            _require(max(_polyval(self.rescale, x) for x in probe) > 0,
+                     f"cache.rescale {_shown(self.rescale)} predicts no positive output change for any relative "
+                     "change in (0, 1]: the residual policy would reuse every step. Fit it with fastdiff.calibrate")
         if self.policy == "residual":
             _require(self.head >= 1, "cache.policy 'residual' reads its signal from the first blocks: head must be >= 1")
 
@@ -123,6 +147,13 @@ class CacheConfig:
         est = "" if self.estimator == "reuse" else f",{self.estimator}{self.order if self.estimator == 'taylor' else ''}"
         extra = (f",m{self.max_skip}" if self.max_skip else "") + (",offload" if self.offload else "")
         return f"cache[{p},{knob}{est},w{self.warmup},c{self.cooldown}{extra}]"
+
+
+def _polyval(coeffs: list[float], x: float) -> float:
+    out = 0.0
+    for c in coeffs:  # Horner, highest power first (numpy.polyfit's order)
+        out = out * x + c
+    return out
 
 
 CACHE_POLICIES = ("static", "residual", "easycache", "delta")
@@ -149,7 +180,8 @@ class GuidanceConfig:
     threshold: float = 0.99
 
     def validate(self) -> None:
-        _require(self.mode in GUIDANCE_MODES, f"guidance.mode must be one of {GUIDANCE_MODES}, got {self.mode!r}")
+        _check_types(self)
+        _require(self.mode in GUIDANCE_MODES, f"guidance.mode must be one of {GUIDANCE_MODES}, got {_shown(self.mode)}")
         _require(0 <= self.start <= 1, f"guidance.start must be in [0, 1], got {self.start}")
         _require(-1 <= self.threshold <= 1, f"guidance.threshold must be in [-1, 1], got {self.threshold}")
 
@@ -223,13 +255,14 @@ class MergeConfig:
     share: str = "block"
 
     def validate(self) -> None:
-        _require(self.share in MERGE_SHARES, f"merge.share must be one of {MERGE_SHARES}, got {self.share!r}")
+        _check_types(self)
+        _require(self.share in MERGE_SHARES, f"merge.share must be one of {MERGE_SHARES}, got {_shown(self.share)}")
         _require(not self.proportional or self.method == "tome", "merge.proportional applies to method 'tome' only")
         _require(not self.proportional or "self_attention" in self.targets,
                  "merge.proportional weighs the merged keys of self-attention: targets must include 'self_attention'")
         _require(0 <= self.keep_changed < 1, f"merge.keep_changed must be in [0, 1), got {self.keep_changed}")
         _require(self.keep_changed == 0 or self.method == "tome", "merge.keep_changed applies to method 'tome' only")
-        _require(self.method in MERGE_METHODS, f"merge.method must be one of {MERGE_METHODS}, got {self.method!r}")
+        _require(self.method in MERGE_METHODS, f"merge.method must be one of {MERGE_METHODS}, got {_shown(self.method)}")
         for name in ("ratio", "ratio_end"):
             value = getattr(self, name)
             _require(value is None or 0 <= value < 1, f"merge.{name} must be in [0, 1), got {value}")
@@ -238,13 +271,13 @@ class MergeConfig:
             _require(1 <= getattr(self, name) <= 16, f"merge.{name} must be in [1, 16], got {getattr(self, name)}")
         _require(self.sx * self.sy >= 2, "merge.sx * merge.sy must be >= 2: each destination needs a cell of tokens")
         _require(len(self.targets) >= 1 and all(t in MERGE_TARGETS for t in self.targets),
-                 f"merge.targets must be a non-empty list of {MERGE_TARGETS}, got {self.targets!r}")
-        _require(len(set(self.targets)) == len(self.targets), f"merge.targets repeats an entry: {self.targets!r}")
+                 f"merge.targets must be a non-empty list of {MERGE_TARGETS}, got {_shown(self.targets)}")
+        _require(len(set(self.targets)) == len(self.targets), f"merge.targets repeats an entry: {_shown(self.targets)}")
         _require(self.max_downsample in (1, 2, 4, 8),
                  f"merge.max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
         _require(0 <= self.start < self.stop <= 1, f"merge needs 0 <= start < stop <= 1, got start={self.start}, "
                                                    f"stop={self.stop}")
-        _require(self.depth in MERGE_DEPTHS, f"merge.depth must be one of {MERGE_DEPTHS}, got {self.depth!r}")
+        _require(self.depth in MERGE_DEPTHS, f"merge.depth must be one of {MERGE_DEPTHS}, got {_shown(self.depth)}")
         _require(0 < self.depth_fraction <= 1, f"merge.depth_fraction must be in (0, 1], got {self.depth_fraction}")
         _require(2 <= self.factor <= 16, f"merge.factor must be in [2, 16], got {self.factor}")
         if self.method == "todo":
@@ -290,13 +323,13 @@ class SparseConfig:
             strided antidiagonal sums of q·k inside each block pair). Pooled means flatten the scores, so "topp"
             with "mean" keeps most blocks: use "antidiag" with "topp" (it costs about 1/stride of dense attention,
             once per prediction).
-        stride: antidiag sampling stride (tokens).
+        stride: antidiag sampling stride (tokens): a power of two, at most `block`.
         window_base: predicted patterns always keep the window around each query block (else only its own block).
         refresh: predicted patterns are predicted at the first sparse step and reused for `refresh` steps before
             the next prediction (AdaSpa: patterns hardly change across steps); 0 = predict once per run.
         start: the first `start` share of the steps runs dense attention (layout forms early).
         dense_blocks: adapter block indices whose attention stays dense.
-        dense_heads: attention heads that stay dense in every sparse module.
+        dense_heads: attention heads that stay dense in every sparse module (indices below the model's head count).
         backend: force one attention backend ("triton", "gather", "flex", "sdpa"); None chooses (see
             fastdiff.attention.dispatch; the FASTDIFF_ATTENTION_BACKEND environment variable also forces one).
     """
@@ -317,27 +350,30 @@ class SparseConfig:
     backend: str | None = None
 
     def validate(self) -> None:
-        _require(self.pattern in SPARSE_PATTERNS, f"sparse.pattern must be one of {SPARSE_PATTERNS}, got {self.pattern!r}")
-        _require(isinstance(self.block, int) and 16 <= self.block <= 256 and self.block & (self.block - 1) == 0,
+        _check_types(self)
+        _require(self.pattern in SPARSE_PATTERNS,
+                 f"sparse.pattern must be one of {SPARSE_PATTERNS}, got {_shown(self.pattern)}")
+        _require(16 <= self.block <= 256 and _power_of_two(self.block),
                  f"sparse.block must be a power of two in [16, 256], got {self.block!r}")
-        _require(self.tile is None or (len(self.tile) == 3 and all(isinstance(t, int) and t >= 1 for t in self.tile)),
-                 f"sparse.tile must be None or [frames, height, width] positive ints, got {self.tile!r}")
-        _require(len(self.window) == 3 and all(isinstance(w, int) and w >= 1 for w in self.window),
-                 f"sparse.window must be [frames, height, width] positive ints (tiles), got {self.window!r}")
+        _require(self.tile is None or (len(self.tile) == 3 and all(t >= 1 for t in self.tile)),
+                 f"sparse.tile must be None or [frames, height, width] positive ints, got {_shown(self.tile)}")
+        _require(len(self.window) == 3 and all(w >= 1 for w in self.window),
+                 f"sparse.window must be [frames, height, width] positive ints (tiles), got {_shown(self.window)}")
         _require(0 < self.density <= 1, f"sparse.density must be in (0, 1], got {self.density}")
         _require(0 < self.top_p <= 1, f"sparse.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.method in SPARSE_METHODS, f"sparse.method must be one of {SPARSE_METHODS}, got {self.method!r}")
-        _require(isinstance(self.stride, int) and self.stride >= 1, f"sparse.stride must be >= 1, got {self.stride!r}")
-        _require(isinstance(self.refresh, int) and self.refresh >= 0, f"sparse.refresh must be >= 0, got {self.refresh!r}")
+        _require(self.method in SPARSE_METHODS, f"sparse.method must be one of {SPARSE_METHODS}, got {_shown(self.method)}")
+        # the antidiagonal scorer samples every stride-th diagonal of a block: it needs stride | block
+        _require(_power_of_two(self.stride) and self.stride <= self.block,
+                 f"sparse.stride must be a power of two <= sparse.block ({self.block}), got {self.stride}")
+        _require(self.refresh >= 0, f"sparse.refresh must be >= 0, got {self.refresh}")
         _require(0 <= self.start < 1, f"sparse.start must be in [0, 1), got {self.start}")
         for name in ("dense_blocks", "dense_heads"):
             value = getattr(self, name)
-            _require(all(isinstance(i, int) and i >= 0 for i in value),
-                     f"sparse.{name} must be a list of indices >= 0, got {value!r}")
+            _require(all(i >= 0 for i in value), f"sparse.{name} must be a list of indices >= 0, got {_shown(value)}")
         from .attention.dispatch import BACKENDS
 
         _require(self.backend is None or self.backend in BACKENDS,
-                 f"sparse.backend must be None or one of {BACKENDS}, got {self.backend!r}")
+                 f"sparse.backend must be None or one of {BACKENDS}, got {_shown(self.backend)}")
 
     def strify(self) -> str:
         knob = {"window": f"w{'x'.join(map(str, self.window))}", "crisscross": f"w{'x'.join(map(str, self.window))}",
@@ -345,6 +381,10 @@ class SparseConfig:
         if self.pattern in ("topk", "topp"):
             knob += (",wb" if self.window_base else "") + f",r{self.refresh}"
         return f"sparse[{self.pattern},{knob},b{self.block},s{self.start:g}]"
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 SPARSE_PATTERNS = ("window", "crisscross", "topk", "topp")
@@ -403,8 +443,6 @@ class FastDiffConfig:
                 isinstance(section, cls),
                 f"config section '{name}' must be a {cls.__name__}, a dict or None, got {type(section).__name__}",
             )
-            for f in fields(section):
-                _check_type(cls, name, f, getattr(section, f.name))
             section.validate()
         # Sparse patterns live on the full token grid; merged (or ToDo-pooled) tokens no longer form it.
         _require(self.sparse is None or self.merge is None or
@@ -413,8 +451,10 @@ class FastDiffConfig:
                  "that merging shrinks. Keep merging to other targets (merge.targets: [mlp] or [cross_attention]) or "
                  "drop one section")
         _require(isinstance(self.families, dict), f"config 'families' must be a mapping, got {type(self.families).__name__}")
+        known = _family_names() if self.families else []
         for family, over in self.families.items():
-            _require(isinstance(family, str), f"config 'families' keys are family names, got {family!r}")
+            _require(isinstance(family, str) and family in known,
+                     f"config 'families': {_shown(family, 40)} is not a family name; families (adapter names): {known}")
             _check_fields(type(self), over, f"config families.{family}")
             _require("families" not in over, f"config families.{family} cannot nest 'families'")
             self.for_family(family)  # every family's resolved config must be valid on its own
@@ -473,17 +513,28 @@ class FastDiffConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "FastDiffConfig":
-        from omegaconf import OmegaConf
+        """Load a .yaml/.yml config file as plain data: no interpolation, no tags (see the module docstring)."""
+        import yaml
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.suffix.lower() not in (".yaml", ".yml"):  # refused unread: only config files are parsed
+            raise ConfigError(f"{path}: a config file must be a .yaml or .yml file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file "
+                              f"(at most {MAX_CONFIG_BYTES})")
         try:
-            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except Exception as err:  # YAML syntax or omegaconf interpolation errors
-            raise ConfigError(f"{path}: not a valid config file: {err}") from err
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a valid config file: not UTF-8 text (byte {err.start})") from None
+        except yaml.YAMLError as err:  # where, never what: the message must not quote the file
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not a valid config file: YAML {type(err).__name__}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a fastdiff config must be a mapping, got {type(data).__name__}")
+        _refuse_interpolation(data, str(path))
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -500,17 +551,60 @@ class FastDiffConfig:
         return "+".join(parts) or "baseline"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _refuse_interpolation(data: Any, where: str, at: str = "") -> None:
+    """`${...}` in a config file is refused rather than kept as text: configs are plain data (an OmegaConf user
+    would expect `${oc.env:...}` to read the environment; fastdiff never resolves it). The error names the key."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        key_at = f"{at}.{key}" if isinstance(data, dict) and at else f"{at}[{key}]" if at else str(key)
+        if (isinstance(key, str) and "${" in key) or (isinstance(value, str) and "${" in value):
+            raise ConfigError(f"{where}: {_shown(key_at, 80)}: interpolation ('${{...}}') is not supported in fastdiff "
+                              "configs; write the value itself")
+        _refuse_interpolation(value, where, key_at)
+
+
+def _family_names() -> list[str]:
+    """The names `families` may use: those of the registered adapters, and the auto fallback's."""
+    from .adapters import supported
+
+    return sorted({*supported(), "auto"})  # "auto": the FamilySpec name adapters.base gives its fallback
+
+
 def _check_type(section_cls: type, section: str, f: dataclasses.Field, value: Any) -> None:
-    """Reject values of the wrong type (YAML and keyword overrides arrive untyped)."""
+    """Reject values of the wrong type (YAML and keyword overrides arrive untyped), list items included."""
     hint = typing.get_type_hints(section_cls)[f.name]
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    allowed = tuple(typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,)))
-    if value is None:
-        _require(type(None) in allowed, f"{section}.{f.name} must not be None")
-        return
-    if isinstance(value, bool):  # bool is an int subclass; only accept it where bool is meant
-        ok = bool in allowed
-    else:
-        ok = any(isinstance(value, (int, float) if a is float else a) for a in allowed if a is not type(None))
-    names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
-    _require(ok, f"{section}.{f.name} must be {names}, got {value!r}")
+    _require(_conforms(hint, value), f"{section}.{f.name} must be {_describe(hint)}, got {_shown(value)}")
+
+
+def _conforms(hint: Any, value: Any) -> bool:
+    """Whether `value` is of type `hint` the strict way every config value is held to: a bool only where a bool
+    is meant (bool is an int subclass: True would pass as block 1), a float finite (NaN fails every comparison,
+    so `nan < threshold` would silently mean "never"), the items of a list each of the list's item type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(a, value) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(item, v) for v in value)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0], plural=True)}"
+    names = {type(None): ("None", "None"), float: ("a finite number", "finite numbers"), int: ("an int", "ints"),
+             bool: ("a bool", "bools"), str: ("a string", "strings")}
+    name = getattr(hint, "__name__", str(hint))
+    return names.get(hint, (name, name))[plural]
