@@ -121,11 +121,13 @@ def test_family_tiny_models_run_each_pattern():
             h.remove()
             assert torch.isfinite(out).all(), (family, pattern)
             dens = s.mechanisms["sparse"]["density"]
-            if family == "dit":  # 4x4 tokens: one block, dense, untouched
-                assert torch.equal(out, base) and not dens
+            if family == "dit":  # 4x4 tokens: one block, dense, untouched, and reported as such
+                assert torch.equal(out, base) and dens and set(dens.values()) == {1.0}
+                assert s.flops == s.dense_flops
                 continue
             assert not torch.equal(out, base), (family, pattern)
-            assert dens and all(0 < d < 1 for d in dens.values()), (family, pattern, dens)
+            # 1.0: a site whose grid is all one neighbourhood (the UNets' coarse levels) ran dense
+            assert dens and all(0 < d <= 1 for d in dens.values()) and min(dens.values()) < 1, (family, pattern, dens)
             assert s.flops < s.dense_flops, (family, pattern)
             assert torch.equal(run(pipe, family, **kw), base), (family, pattern)
 
@@ -162,6 +164,33 @@ def test_predicted_patterns_on_families(pattern):
         assert torch.isfinite(out).all() and not torch.equal(out, base), family
         assert dens and all(0 < d < 1 for d in dens.values()), (family, dens)
         assert torch.equal(run(pipe, family, **kw), base)
+
+
+@pytest.mark.parametrize("family,cfg", [
+    ("pixart", _cfg("topk", density=1.0)),  # k of all blocks: nothing to predict
+    ("pixart", _cfg("topp", top_p=0.99)),  # the scores keep every block of these grids
+    ("flux", _cfg("topp", top_p=0.99)),  # joint text: text blocks dense as well
+    ("dit", "sparse-topk"),  # the preset on a grid of one 64-token block (as on ref-digits)
+])
+def test_a_predicted_pattern_listing_every_block_runs_dense_attention(family, cfg, monkeypatch):
+    """A predicted pattern that keeps every block is dense attention: the model's own SDPA (bit-identical, never
+    the block-sparse dispatch), reported at density 1.0 on every site and priced as dense. It used to divide by
+    zero averaging the call's sparse densities (issue 17, r01)."""
+    pipe = tiny.build_pipeline(family)
+    kw = _big(family)
+    base = run(pipe, family, steps=4, **kw)
+    sparse_calls = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **k: sparse_calls.append(1) or real(*a, **k))
+    h = fastdiff.apply(pipe, preset=cfg) if isinstance(cfg, str) else fastdiff.apply(pipe, {"sparse": cfg})
+    out = run(pipe, family, steps=4, **kw)
+    s = h.summary()
+    h.remove()
+    assert torch.equal(out, base) and not sparse_calls
+    dens = s.mechanisms["sparse"]["density"]
+    assert len(dens) == len(SparseAttention(h.config.sparse).sites(h.adapter)) and set(dens.values()) == {1.0}
+    assert s.flops == s.dense_flops
+    assert all(d.endswith("d1.000") for r in s.per_step[1:] for d in r.decisions), s.per_step
 
 
 def test_prediction_is_reused_across_steps_and_reset_between_runs(monkeypatch):

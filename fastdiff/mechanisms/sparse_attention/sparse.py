@@ -12,9 +12,10 @@ made inside it (`fastdiff.attention.route`) to `_attend`, which:
    across steps) — per batch row and head;
 4. permutes q, k, v into tile order, calls `attention.dispatch`, and puts the output back in sequence order.
 
-Dense steps (`start`), dense blocks, and a pattern that lists every block run the model's own SDPA untouched —
-bit-identical to no fastdiff. Each sparse call records its density on the call (`CallRecord.reductions`), which
-`summary()` prices with the cost model.
+Dense steps (`start`), dense blocks, and a pattern that lists every block — static, or predicted (a grid of one
+block, top-k with k of all blocks, top-p whose scores keep them all) — run the model's own SDPA untouched,
+bit-identical to no fastdiff. Each call through `_attend` records its density on the call (`CallRecord.reductions`;
+1.0 where it ran dense), which `summary()` prices with the cost model and reports per site.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from . import patterns as _patterns
 
 @dataclass
 class Predicted:
-    sparse: dispatch.BlockSparse
+    sparse: dispatch.BlockSparse | None  # None: the prediction lists every block (the site runs dense)
     density: float
     step: int
+    rows: int  # batch rows it was predicted for (1: valid for any batch)
 
 
 @dataclass
@@ -95,9 +97,8 @@ class SparseAttention(Mechanism):
             return getattr(self, "_final", {})
         per_site: dict[str, list[float]] = {}
         for rec in self.session.records:
-            for path, red in rec.reductions.items():
-                if red.density < 1:
-                    per_site.setdefault(path, []).append(red.density)
+            for path, red in rec.reductions.items():  # 1.0: the site ran dense (its pattern listed every block)
+                per_site.setdefault(path, []).append(red.density)
         return {"pattern": self.config.pattern,
                 "density": {p: round(sum(v) / len(v), 4) for p, v in per_site.items()}}
 
@@ -174,6 +175,7 @@ class SparseAttention(Mechanism):
             sparse, dens = self._predicted(site, rec, geom, q, k, scale)
         else:
             sparse, dens = self._static_pattern(geom, heads, q.device)
+        self._record(site, rec, n_img, dens)
         if sparse is None:  # every block listed: the model's own dense attention, bit-identical
             return None
         order, inverse = geom.order, geom.inverse
@@ -184,14 +186,18 @@ class SparseAttention(Mechanism):
         out = dispatch.attention(q, k, v, sparse, scale=scale, key_mask=key_mask, backend=c.backend)
         if inverse is not None:
             out = out.index_select(2, inverse)
+        return out
+
+    def _record(self, site, rec, n_img: int, dens: float) -> None:
+        """The site's density on the call (1.0 where its pattern listed every block and it ran dense), and the
+        call's mean density over the sites that reached `_attend` so far as its decision."""
         prev = rec.reductions.get(site.path)
         # A module may call attention more than once per forward (none of the supported families does); keep the
         # densest, so the report never overstates the savings.
         if prev is None or prev.density < dens:
             rec.reductions[site.path] = Reduction(n_img, n_img, density=dens)
-        dens_all = [r.density for r in rec.reductions.values() if r.density < 1]
-        rec.decisions[self.name] = f"{c.pattern} d{sum(dens_all) / len(dens_all):.3f}"  # this call's mean density
-        return out
+        seen = [r.density for r in rec.reductions.values()]  # only sparse records them: merging is refused beside it
+        rec.decisions[self.name] = f"{self.config.pattern} d{sum(seen) / len(seen):.3f}"
 
     def _geometry(self, site, grid, n_text, adapter) -> _patterns.Geometry:
         c = self.config
@@ -254,14 +260,19 @@ class SparseAttention(Mechanism):
         st: CallState = self.session.state.slot(self.name, rec.ctx.call, self.make_state)
         prev = st.predicted.get(site.path)
         step = rec.ctx.step
-        fresh = prev is None or (c.refresh and step - prev.step >= c.refresh) or prev.sparse.kv_index.shape[0] not in (
-            1, q.shape[0])
+        fresh = prev is None or (c.refresh and step - prev.step >= c.refresh) or prev.rows not in (1, q.shape[0])
         if not fresh:
             return prev.sparse, prev.density
+        keep = self._static_mask(geom)
+        top_k = self._top_k(geom) if c.pattern == "topk" else None
+        if bool(keep.all()) or (top_k is not None and top_k >= geom.blocks):
+            # every block is listed whatever the scores say (one block, text everywhere, k covers all): dense,
+            # nothing to predict
+            st.predicted[site.path] = Predicted(None, 1.0, step, 1)
+            return None, 1.0
         order = geom.order
         qp, kp = (q, k) if order is None else (t.index_select(2, order.to(q.device)) for t in (q, k))
-        keep = self._static_mask(geom).to(q.device)[None, None]
-        top_k = self._top_k(geom) if c.pattern == "topk" else None
+        keep = keep.to(q.device)[None, None]
         top_p = c.top_p if c.pattern == "topp" else None
         index, count, _ = dispatch.predict(qp, kp, geom.block, top_k=top_k, top_p=top_p, method=c.method,
                                            stride=c.stride, keep=keep, scale=scale)
@@ -269,10 +280,13 @@ class SparseAttention(Mechanism):
         if c.dense_heads:
             mask = self._with_dense_heads(mask, q.shape[1])
             index, count = dispatch.mask_to_index(mask, trim=True)
-        dens = _patterns.density(geom, mask.cpu())  # once per prediction: one device sync per refresh
+        mask = mask.cpu()  # once per prediction: one device sync per refresh
+        if bool(mask.all()):  # the scores kept every block (top-p near 1, k of all): dense attention, not sparse
+            st.predicted[site.path] = Predicted(None, 1.0, step, index.shape[0])
+            return None, 1.0
         sparse = dispatch.BlockSparse(index, count, geom.block)
-        st.predicted[site.path] = Predicted(sparse, dens, step)
-        return sparse, dens
+        st.predicted[site.path] = Predicted(sparse, _patterns.density(geom, mask), step, index.shape[0])
+        return sparse, st.predicted[site.path].density
 
 
 def _key_mask(mask, batch: int, n: int, path: str) -> torch.Tensor | None:
