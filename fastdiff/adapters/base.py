@@ -282,63 +282,24 @@ def supported() -> dict[str, list[str]]:
     return out
 
 
-# Block-list names the auto fallback looks for, in execution order.
-AUTO_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "mid_block",
-                    "up_blocks")
-
-
 def resolve(denoiser: torch.nn.Module) -> BlockAdapter:
-    """The adapter for `denoiser`: by its class (or a base class), else the auto fallback; raises
+    """The adapter for `denoiser`: by its class (or a base class), else the auto fallback (`auto.py`); raises
     UnsupportedModelError when neither applies."""
     for cls in type(denoiser).__mro__:
         spec = _REGISTRY.get(cls.__name__)
         if spec is not None:
             return BlockAdapter(spec, denoiser)
-    spec = _auto_spec(denoiser)
+    from . import auto  # the fallback builds on this module
+
+    spec, looked_for = auto.find_spec(denoiser)
     if spec is not None:
-        return BlockAdapter(spec, denoiser)
+        return auto.AutoAdapter(spec, denoiser)
     names = ", ".join(sorted(_REGISTRY))
     raise UnsupportedModelError(
-        f"fastdiff has no adapter for {type(denoiser).__name__} and found none of the block lists "
-        f"{list(AUTO_BLOCK_LISTS)} on it. Supported denoisers: {names}. "
+        f"fastdiff has no adapter for {type(denoiser).__name__}, and the auto adapter found no {looked_for} on it. "
+        f"Supported denoisers: {names}. "
         "Pass a diffusers pipeline or one of those models, or register a FamilySpec for this class."
     )
-
-
-def _auto_spec(denoiser: torch.nn.Module) -> FamilySpec | None:
-    """A spec found by name: known block-list names, block I/O from diffusers' own block registry.
-
-    It knows blocks but not the token layout: mechanisms that need the layout refuse auto adapters.
-    """
-    params = inspect.signature(type(denoiser).forward).parameters
-    hidden_arg = next((a for a in ("hidden_states", "sample") if a in params), None)
-    lists = []
-    for path in AUTO_BLOCK_LISTS:
-        if hidden_arg is None or not _has_path(denoiser, path):
-            continue
-        module = denoiser.get_submodule(path)
-        if isinstance(module, torch.nn.ModuleList) and len(module) == 0:
-            continue
-        first = module[0] if isinstance(module, torch.nn.ModuleList) else module
-        io = _diffusers_io(type(first))
-        # a block whose I/O diffusers does not describe is opaque: a cache may only replay its whole output
-        lists.append(BlockList(path, "auto", io or IOPattern(encoder_arg=None), reuse="residual" if io else "output"))
-    if not lists:
-        return None
-    return FamilySpec(name="auto", classes=(), block_lists=tuple(lists), layout=None, latent_grid=None,
-                      hidden_arg=hidden_arg)
-
-
-def _diffusers_io(block_cls: type) -> IOPattern | None:
-    """The block's I/O from diffusers' own block registry; None when it is not registered there."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockRegistry
-
-        meta = TransformerBlockRegistry.get(block_cls)
-    except Exception:  # not registered there (or an older diffusers)
-        return None
-    return IOPattern(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
-                     meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
 
 
 # -- small helpers the family files share ------------------------------------------------------------
