@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,8 +24,10 @@ import torch
 import fastdiff
 
 from . import metrics, timing, workloads
+from .outdir import csv_cell
 
 LEVELS = ("safe", "fast", "ultra")
+TIMING_NOTE = timing.TABLE_NOTE
 # FLOPs speedups the tuned (dynamic) policies aim for; peers with a threshold are searched to the matching
 # skipped fraction of block computations, 1 - 1/target (equal compute)
 TARGETS = {"safe": 1.5, "fast": 2.5, "ultra": 4.0}
@@ -63,17 +63,13 @@ def _fidelity(x, ref, data_range):
 
 
 def run(args) -> list[dict]:
+    """Plan the tuned policies and check every method applies, then time them all in one interleaved comparison."""
     wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
-    timing.timed(wl, 1)  # warm-up
-    base, base_times = timing.timed(wl, args.repeats)
-    t_base = statistics.median(base_times)
-    data_range = 1.0 if wl.trained else float(base.max() - base.min())
-    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=timing.spread(base_times),
-                 speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, note="")]
     classify = timing.class_accuracy(args.model)
-    if classify:
-        rows[0]["accuracy"] = classify(base)
     call = lambda: wl.pipe(**wl.make_kwargs())  # noqa: E731  (the call dynamic policies are tuned on)
+    arms = [timing.workload_arm("baseline", wl)]
+    meta = {"baseline": dict(method="baseline", level="-", config="baseline", note="")}
+    refused = []
 
     for method, levels in FASTDIFF.items():
         if args.only and not any(o in method for o in args.only):
@@ -89,66 +85,85 @@ def run(args) -> list[dict]:
                     note = (f"threshold {p.value:.3g}: {p.speedup:.2f}x FLOPs on the tuning call for a {TARGETS[level]}x "
                             f"target ({p.runs} runs)")
                 preset = cfg.pop("preset", None) if isinstance(cfg, dict) else None
-                with fastdiff.accelerated(wl.pipe, cfg if cfg else None, preset=preset) as h:
-                    timing.timed(wl, 1)
-                    out, times = timing.timed(wl, args.repeats)
-                    s = h.summary()
+                cfg = cfg if cfg else None
+                with fastdiff.accelerated(wl.pipe, cfg, preset=preset):  # refused here, before any timing
+                    pass
             except (fastdiff.UnsupportedModelError, fastdiff.ConfigError) as err:
-                rows.append(dict(method=f"fastdiff {method}", level=level, config="-", note=f"unsupported: {err}"))
+                refused.append(dict(method=f"fastdiff {method}", level=level, config="-", note=f"unsupported: {err}"))
                 continue
-            t = statistics.median(times)
-            p_, s_ = _fidelity(out, base, data_range)
-            row = dict(method=f"fastdiff {method}", level=level, config=s.config, time_s=t, spread_s=timing.spread(times),
-                       speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=s.estimated_speedup, note=note)
-            if classify:
-                row["accuracy"] = classify(out)
-            rows.append(row)
-            print(_line(row), flush=True)
+            name = f"fastdiff {method} / {level}"
+            arms.append(timing.workload_arm(
+                name, wl, session=lambda cfg=cfg, preset=preset: fastdiff.accelerated(wl.pipe, cfg, preset=preset),
+                finish=lambda h: h.summary()))
+            meta[name] = dict(method=f"fastdiff {method}", level=level, note=note)
 
     if not args.no_peers:
-        rows += run_peers(wl, base, t_base, data_range, args, classify)
-    return rows, wl
+        refused += peer_arms(wl, arms, meta)
+    timed = timing.interleaved(arms, args.repeats, warmup=1)
+    base = timed["baseline"].output
+    data_range = 1.0 if wl.trained else float(base.max() - base.min())
+    rows = []
+    for name, t in timed.items():
+        s = t.extra
+        flops = s.estimated_speedup if hasattr(s, "estimated_speedup") else (1.0 if name == "baseline" else None)
+        p_, s_ = _fidelity(t.output, base, data_range)
+        row = dict(meta[name], **timing.fields(timed["baseline"], t, flops), psnr=p_, ssim=s_, flops_speedup=flops)
+        if hasattr(s, "config"):
+            row["config"] = s.config
+        elif "config" not in row:
+            row["config"] = json.dumps(s.kwargs, default=str)
+            row["note"] += f", skip {s.skip:.2f} (searched)" if s.skip is not None else ""
+        if classify:
+            row["accuracy"] = classify(t.output)
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows + refused, wl
 
 
-def run_peers(wl, base, t_base, data_range, args, classify) -> list[dict]:
+def peer_arms(wl, arms, meta) -> list[dict]:
+    """Append an arm per runnable peer level (threshold searched once here; the search is cached, so applying the
+    peer around every timed call finds it again); returns the rows of peers that cannot run."""
     from . import peers
 
-    rows = []
+    refused = []
     for name, peer in peers.PEERS.items():
         for level in LEVELS:
+            kw = wl.make_kwargs()
+            target = 1 - 1 / TARGETS[level] if peer.threshold is not None else None
+
+            def session(name=name, level=level, kw=kw, target=target):
+                remove = peers.apply_peer(wl.pipe, name, level, call_kwargs=kw, target_skip=target)
+                return _removing(remove)
+
             try:
-                kw = wl.make_kwargs()
-                target = 1 - 1 / TARGETS[level] if peer.threshold is not None else None
-                with torch.no_grad():
-                    remove = peers.apply_peer(wl.pipe, name, level, call_kwargs=kw, target_skip=target)
+                with torch.no_grad(), session():
+                    pass
             except (peers.PeerError, KeyError) as err:
-                rows.append(dict(method=f"{name}", level=level, config="-", note=f"not run: {err}"))
+                refused.append(dict(method=f"{name}", level=level, config="-", note=f"not run: {err}"))
                 break
-            try:
-                timing.timed(wl, 1)
-                out, times = timing.timed(wl, args.repeats)
-            finally:
-                remove()
-            t = statistics.median(times)
-            p_, s_ = _fidelity(out, base, data_range)
-            row = dict(method=name, level=level, config=json.dumps(remove.kwargs, default=str), time_s=t,
-                       spread_s=timing.spread(times), speedup=t_base / t, psnr=p_, ssim=s_, flops_speedup=None,
-                       note=f"{peer.source}" + (f", skip {remove.skip:.2f} (searched)" if remove.skip is not None else ""))
-            if classify:
-                row["accuracy"] = classify(out)
-            rows.append(row)
-            print(_line(row), flush=True)
-    return rows
+            arms.append(timing.workload_arm(f"{name} / {level}", wl, session=session, finish=lambda remove: remove))
+            meta[f"{name} / {level}"] = dict(method=name, level=level, note=f"{peer.source}")
+    return refused
 
 
+class _removing:
+    """A peer's remover as a context: yields it, calls it on exit."""
 
+    def __init__(self, remove):
+        self.remove = remove
 
+    def __enter__(self):
+        return self.remove
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
 
 
 def _line(r) -> str:
     fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}x"
     acc = f" acc {r['accuracy']:.2f}" if "accuracy" in r else ""
-    return (f"{r['method']:<34} {r['level']:<6} {r['time_s']:8.3f}s {r['speedup']:6.2f}x  PSNR {r['psnr']:6.2f}  "
+    return (f"{r['method']:<34} {r['level']:<6} {timing.time_cell(r)} s  {timing.speed_cell(r)}  PSNR {r['psnr']:6.2f}  "
             f"SSIM {r['ssim']:.4f}  FLOPs {fl}{acc}  {r.get('note', '')}")
 
 
@@ -160,14 +175,15 @@ def write(rows, wl, args, out: Path) -> None:
                command="python -m fastdiff.eval.bench_cache " + " ".join(sys.argv[1:]), workload=wl.describe,
                trained=wl.trained)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
-    keys = ["method", "level", "time_s", "spread_s", "speedup", "psnr", "ssim", "flops_speedup", "accuracy", "config",
-            "note"]
+    keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
+            "psnr", "ssim", "flops_speedup", "accuracy", "config", "note"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
-    lines = [f"# Caching benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
-             "| method | level | time s | speedup | PSNR dB | SSIM | FLOPs x | class acc | config / note |",
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    lines = [f"# Caching benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "", TIMING_NOTE, "",
+             "| method | level | time s ± spread | speedup [per-round range] | PSNR dB | SSIM | FLOPs x | class acc | "
+             "config / note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "time_s" not in r:
@@ -175,7 +191,7 @@ def write(rows, wl, args, out: Path) -> None:
             continue
         fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
         acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "-"
-        lines.append(f"| {r['method']} | {r['level']} | {r['time_s']:.3f} ± {r['spread_s']:.3f} | {r['speedup']:.2f} | "
+        lines.append(f"| {r['method']} | {r['level']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | `{r['config']}` {r.get('note', '')} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     pareto(rows, out / "pareto.png", wl)

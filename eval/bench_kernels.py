@@ -20,12 +20,12 @@ eval/results/kernels-<device> (a temporary folder for --smoke).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--block-k", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per measurement (after warm-up)")
+    p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per measurement (after warm-up), split "
+                   "over --repeats interleaved rounds")
+    p.add_argument("--repeats", type=int, default=timing.MIN_REPEATS, help="interleaved timed rounds per kernel")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, fixed tiny shapes (overrides --n/--d)")
     p.add_argument("--compile-only", action="store_true", help="compile the kernel configs for --arch, no GPU needed")
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     if args.smoke:  # small enough for the interpreter (~1000x slower than SDPA)
         args.n, args.d, args.batch, args.heads = [128, 256], [64], 1, 2
         args.block_q = args.block_k = 32
-        args.dtype, args.seconds = "float32", 0.0  # bf16 tl.dot is wrong in the interpreter
+        args.dtype, args.seconds = "float32", 0.0  # bf16 tl.dot is wrong in the interpreter (one call per round)
     return args
 
 
@@ -100,29 +102,30 @@ def flex_block_mask(index, count, n: int, block_q: int, block_k: int):
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
-def measure(fn, seconds: float) -> tuple[float, float]:
-    """(median ms, spread ms): 2 warm-up calls, then as many calls as fit in `seconds` (3 to 100)."""
-    fn()
-    timing.sync()
-    start = time.perf_counter()
-    fn()
-    timing.sync()
-    one = time.perf_counter() - start
-    iters = max(3, min(100, int(seconds / max(one, 1e-6))))
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), timing.spread(times)
+def kernel_arm(name: str, fn, seconds: float, session=contextlib.nullcontext):
+    """(arm, iters): the arm runs `fn` `iters` times back to back per timed round, iters sized from one call so a
+    round takes about `seconds` (1 to 100 calls); the timing helper warms it up and interleaves it with the other
+    kernels of the shape. Raises what fn raises (an unavailable SDPA backend) before any timing."""
+    with session():
+        fn()
+        timing.sync()
+        start = time.perf_counter()
+        fn()
+        timing.sync()
+        one = time.perf_counter() - start
+    iters = max(1, min(100, int(seconds / max(one, 1e-6))))
+
+    def call(_):
+        for _ in range(iters):
+            out = fn()
+        return out
+
+    return timing.Arm(name, call, session=session), iters
+
+
+def per_call_ms(t: timing.Timing, iters: int) -> timing.Timing:
+    """The rounds of a kernel arm as milliseconds per call."""
+    return timing.Timing(t.name, [x * 1e3 / iters for x in t.times])
 
 
 def sdpa_backends():
@@ -133,17 +136,6 @@ def sdpa_backends():
         return [("sdpa", lambda: sdpa_kernel([SDPBackend.MATH]))]
     return [("sdpa-flash", lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
             ("sdpa-cudnn", lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))]
-
-
-def time_sdpa(q, k, v, seconds):
-    out = {}
-    for name, ctx in sdpa_backends():
-        try:
-            with ctx():
-                out[name] = measure(lambda: F.scaled_dot_product_attention(q, k, v), seconds)[0]
-        except RuntimeError as err:  # backend unavailable for this dtype/shape/GPU
-            print(f"  {name}: unavailable ({str(err).splitlines()[0][:100]})")
-    return out
 
 
 def tflops(pairs: float, d: int, ms: float) -> float:
@@ -177,56 +169,85 @@ def run(args) -> dict:
 
 
 def bench_shape(args, n: int, d: int, dtype, device, flex) -> tuple[list, list]:
-    """Every sparsity at one (N, D): rows of timings, and the predictor's timings."""
+    """Every sparsity at one (N, D): SDPA, ours and Flex at each sparsity warmed up, then timed in interleaved rounds
+    (fastdiff.eval.timing); rows of timings, and the predictor's timings."""
     b, h, bq, bk = args.batch, args.heads, args.block_q, args.block_k
     g = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g) for _ in range(3))
     qb, kb = num_blocks(n, bq), num_blocks(n, bk)
     print(f"N={n} D={d} B={b} H={h} blocks {bq}x{bk} ({qb}x{kb}) {args.dtype}", flush=True)
-    sdpa = time_sdpa(q, k, v, args.seconds)
-    best_sdpa = min(sdpa.values()) if sdpa else float("nan")
-    rows, predictor = [], []
+    arms, iters, layouts = [], {}, {}
+
+    def add(name, fn, session=contextlib.nullcontext):
+        arm, iters[name] = kernel_arm(name, fn, args.seconds / args.repeats, session)
+        arms.append(arm)
+
+    for name, ctx in sdpa_backends():
+        try:
+            add(name, lambda: F.scaled_dot_product_attention(q, k, v), ctx)
+        except RuntimeError as err:  # backend unavailable for this dtype/shape/GPU
+            print(f"  {name}: unavailable ({str(err).splitlines()[0][:100]})")
+    sdpa_names = [a.name for a in arms]
     for s in args.sparsity:
-        index, count = random_layout(h, qb, kb, s / 100.0, args.seed, device)
-        pairs = float(count.sum()) * bq * bk * b  # every block is whole: N is a multiple of the blocks here
-        dense_pairs = float(b * h * n * n)
-
-        def ours():
-            return block_sparse_attention(q, k, v, index, count, bq, bk)
-
-        ours_ms = measure(ours, args.seconds)[0]
-        row = dict(n=n, d=d, batch=b, heads=h, block_q=bq, block_k=bk, dtype=args.dtype, sparsity=s,
-                   density=pairs / dense_pairs, ours_ms=ours_ms, sdpa_ms=sdpa, sdpa_best_ms=best_sdpa,
-                   ours_tflops_eff=tflops(pairs, d, ours_ms), ours_tflops_dense_eq=tflops(dense_pairs, d, ours_ms),
-                   x_sdpa=best_sdpa / ours_ms)
+        index, count = layouts[s] = random_layout(h, qb, kb, s / 100.0, args.seed, device)
+        add(f"ours {s}", lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, bq, bk))
         if flex is not None:
             mask = flex_block_mask(index.expand(b, h, qb, kb).contiguous(), count.expand(b, h, qb).contiguous(),
                                    n, bq, bk)
-
-            def flexed():
-                return flex(q, k, v, block_mask=mask)
-
-            row["flex_ms"] = measure(flexed, args.seconds)[0]
-            row["flex_tflops_eff"] = tflops(pairs, d, row["flex_ms"])
-            row["x_flex"] = row["flex_ms"] / ours_ms
-            ref = flexed().float()
-            row["max_rel_err_vs_flex"] = float((ours().float() - ref).abs().max() / ref.abs().max())
+            add(f"flex {s}", lambda mask=mask: flex(q, k, v, block_mask=mask))
+    timed = {name: per_call_ms(t, iters[name]) for name, t in timing.interleaved(arms, args.repeats).items()}
+    sdpa = {name: timed[name].median for name in sdpa_names}
+    best = min(sdpa_names, key=lambda name: sdpa[name]) if sdpa else None
+    rows, predictor = [], []
+    for s in args.sparsity:
+        index, count = layouts[s]
+        pairs = float(count.sum()) * bq * bk * b  # every block is whole: N is a multiple of the blocks here
+        dense_pairs = float(b * h * n * n)
+        ours = timed[f"ours {s}"]
+        row = dict(n=n, d=d, batch=b, heads=h, block_q=bq, block_k=bk, dtype=args.dtype, sparsity=s,
+                   density=pairs / dense_pairs, ours_ms=ours.median, ours_spread=ours.spread, sdpa_ms=sdpa,
+                   sdpa_best_ms=sdpa[best] if best else float("nan"),
+                   ours_tflops_eff=tflops(pairs, d, ours.median), ours_tflops_dense_eq=tflops(dense_pairs, d, ours.median))
+        if best:  # ours vs dense SDPA cannot honestly beat the pair count: the bound is 1 / density
+            speed = timing.compare(timed[best], ours, bound=dense_pairs / pairs)
+            row.update(x_sdpa=speed.ratio, x_sdpa_range=[speed.low, speed.high], reliable=speed.reliable,
+                       timing_note=speed.note)
+        else:
+            row.update(x_sdpa=float("nan"), reliable=False, timing_note="no SDPA backend ran")
+        if flex is not None:
+            fl = timed[f"flex {s}"]
+            vs_flex = timing.compare(fl, ours)
+            row.update(flex_ms=fl.median, flex_tflops_eff=tflops(pairs, d, fl.median), x_flex=vs_flex.ratio)
+            if not vs_flex.reliable:
+                row["reliable"] = False
+                row["timing_note"] = "; ".join(x for x in (row["timing_note"], "vs flex: " + vs_flex.note) if x)
+            ref = flex(q, k, v, block_mask=flex_block_mask(index.expand(b, h, qb, kb).contiguous(),
+                                                          count.expand(b, h, qb).contiguous(), n, bq, bk)).float()
+            ours_out = block_sparse_attention(q, k, v, index, count, bq, bk).float()
+            row["max_rel_err_vs_flex"] = float((ours_out - ref).abs().max() / ref.abs().max())
         rows.append(row)
         print("  " + describe(row), flush=True)
     top_k = max(1, round(0.1 * kb))
+    pred_arms, pred_iters = [], {}
     for method, stride in (("mean", 8), ("antidiag", min(16, bq, bk))):
-        ms = measure(lambda: predict_blocks(q, k, bq, bk, method=method, stride=stride, top_k=top_k), args.seconds)[0]
-        predictor.append(dict(n=n, d=d, method=method, stride=stride, top_k=top_k, ms=ms))
-        print(f"  predictor {method} (stride {stride}, top_k {top_k}): {ms:.3f} ms", flush=True)
+        arm, pred_iters[method] = kernel_arm(method, lambda method=method, stride=stride: predict_blocks(
+            q, k, bq, bk, method=method, stride=stride, top_k=top_k), args.seconds / args.repeats)
+        pred_arms.append(arm)
+    for method, t in timing.interleaved(pred_arms, args.repeats).items():
+        t = per_call_ms(t, pred_iters[method])
+        stride = 8 if method == "mean" else min(16, bq, bk)
+        predictor.append(dict(n=n, d=d, method=method, stride=stride, top_k=top_k, ms=t.median, spread=t.spread))
+        print(f"  predictor {method} (stride {stride}, top_k {top_k}): {t.median:.3f} ms ±{t.spread:.0%}", flush=True)
     return rows, predictor
 
 
 def describe(r: dict) -> str:
-    text = (f"sparsity {r['sparsity']:>4.0f}%: ours {r['ours_ms']:.3f} ms ({r['ours_tflops_eff']:.1f} TFLOP/s eff, "
+    text = (f"sparsity {r['sparsity']:>4.0f}%: ours {r['ours_ms']:.3f} ms ±{r['ours_spread']:.0%} "
+            f"({r['ours_tflops_eff']:.1f} TFLOP/s eff, "
             f"{r['ours_tflops_dense_eq']:.1f} dense-eq) = {r['x_sdpa']:.2f}x SDPA")
     if "flex_ms" in r:
         text += f", flex {r['flex_ms']:.3f} ms = {r['x_flex']:.2f}x flex, err {r['max_rel_err_vs_flex']:.1e}"
-    return text
+    return text + ("" if r["reliable"] else f"  UNRELIABLE ({r['timing_note']})")
 
 
 def checks(rows) -> list[dict]:
@@ -267,15 +288,17 @@ def write(out_dir: Path, result: dict, info: dict) -> None:
     fmt = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
     lines = ["# Block-sparse attention kernel benchmark", ""]
     lines += [f"- **{key}**: {value}" for key, value in info.items()]
-    lines += ["", "ms are medians; TFLOP/s eff counts computed blocks, dense-eq the full N x N; x = baseline ms / ours ms; "
-              "SDPA = the faster of its flash and cuDNN backends.", "",
-              "| N | D | sparsity % | ours ms | TFLOP/s eff | TFLOP/s dense-eq | SDPA ms | x SDPA | Flex ms | x Flex | "
-              "err vs Flex |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "ms are medians per call; TFLOP/s eff counts computed blocks, dense-eq the full N x N; x = baseline ms / "
+              "ours ms; SDPA = the faster of its flash and cuDNN backends. " + timing.TABLE_NOTE + " Here the FLOPs "
+              "bound of ours vs SDPA is 1 / density.", "",
+              "| N | D | sparsity % | ours ms ± spread | TFLOP/s eff | TFLOP/s dense-eq | SDPA ms | x SDPA | Flex ms | "
+              "x Flex | err vs Flex | timing |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         err = r.get("max_rel_err_vs_flex", float("nan"))
-        lines.append(f"| {r['n']} | {r['d']} | {r['sparsity']:.0f} | {fmt(r['ours_ms'])} | {r['ours_tflops_eff']:.1f} | "
-                     f"{r['ours_tflops_dense_eq']:.1f} | {fmt(r['sdpa_best_ms'])} | {r['x_sdpa']:.2f} | "
-                     f"{fmt(r.get('flex_ms'))} | {fmt(r.get('x_flex'))} | {err:.1e} |")
+        verdict = "ok" if r["reliable"] else f"**unreliable** ({r['timing_note']})"
+        lines.append(f"| {r['n']} | {r['d']} | {r['sparsity']:.0f} | {fmt(r['ours_ms'])} ±{r['ours_spread']:.0%} | "
+                     f"{r['ours_tflops_eff']:.1f} | {r['ours_tflops_dense_eq']:.1f} | {fmt(r['sdpa_best_ms'])} | "
+                     f"{r['x_sdpa']:.2f} | {fmt(r.get('flex_ms'))} | {fmt(r.get('x_flex'))} | {err:.1e} | {verdict} |")
     lines += ["", "| check | goal | cases | worst | pass |", "|---|---|---|---|---|"]
     for c in result["checks"]:
         verdict = {True: "yes", False: "NO", None: "n/a"}[c["passed"]]

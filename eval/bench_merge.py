@@ -25,12 +25,12 @@ max_downsample=2 to merge at all — the benchmark gives it that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import platform
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from fastdiff import tiny
 from fastdiff.integrations.diffusers import find_parts
 
 from . import metrics, timing, workloads
+from .outdir import csv_cell
 
 RATIOS = (0.3, 0.5, 0.7)
 # method -> level (ratio) -> merge section; ToDo's key reduction is set by its factor, not a ratio
@@ -72,9 +73,12 @@ def load(args) -> workloads.Workload:
     return wl
 
 
-def timed(wl: workloads.Workload, repeats: int):
-    images, times = timing.timed(wl, repeats)
-    return _as_grid(images), times
+def arm(name: str, wl: workloads.Workload, **kw) -> timing.Arm:
+    """A workload arm whose output is reshaped to an image grid (Flux's packed latents)."""
+    a = timing.workload_arm(name, wl, **kw)
+    call = a.call
+    a.call = lambda prepared: _as_grid(call(prepared))
+    return a
 
 
 def _as_grid(x: torch.Tensor) -> torch.Tensor:
@@ -89,49 +93,51 @@ def _as_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(args):
+    """Check every method applies, then time baseline, fastdiff and tomesd in one interleaved comparison."""
     wl = load(args)
-    timed(wl, 1)  # warm-up
-    base, base_times = timed(wl, args.repeats)
-    t_base = statistics.median(base_times)
-    data_range = 1.0 if wl.trained else float(base.max() - base.min())
     classify = timing.class_accuracy(args.model)
-    rows = [dict(method="baseline", level="-", config="baseline", time_s=t_base, spread_s=timing.spread(base_times),
-                 speedup=1.0, psnr=math.inf, ssim=1.0, flops_speedup=1.0, tokens="", note="")]
-    if classify:
-        rows[0]["accuracy"] = classify(base)
-    print(_line(rows[0]), flush=True)
-
-    def measure(method, level, out, times, **extra):
-        t = statistics.median(times)
-        row = dict(method=method, level=str(level), time_s=t, spread_s=timing.spread(times), speedup=t_base / t,
-                   psnr=metrics.psnr(out, base, data_range), ssim=metrics.ssim(out, base, data_range), **extra)
-        if classify:
-            row["accuracy"] = classify(out)
-        rows.append(row)
-        print(_line(row), flush=True)
-
+    arms = [arm("baseline", wl)]
+    meta = {"baseline": dict(method="baseline", level="-", config="baseline", tokens="", note="")}
+    refused = []
     for method, levels in FASTDIFF.items():
         if args.methods and method not in args.methods:
             continue
         for level, merge in levels.items():
             try:
-                with fastdiff.accelerated(wl.pipe, merge=merge) as h:
-                    timed(wl, 1)
-                    out, times = timed(wl, args.repeats)
-                    s = h.summary()
+                with fastdiff.accelerated(wl.pipe, merge=merge):  # refused here, before any timing
+                    pass
             except fastdiff.UnsupportedModelError as err:
-                rows.append(dict(method=f"fastdiff {method}", level=str(level), config="-", note=f"refused: {err}"))
+                refused.append(dict(method=f"fastdiff {method}", level=str(level), config="-", note=f"refused: {err}"))
                 continue
-            tokens = next((d for r in s.per_step for d in r.decisions if d), "")
-            measure(f"fastdiff {method}", level, out, times, config=s.config, flops_speedup=s.estimated_speedup,
-                    tokens=tokens.replace("merge=", ""), note="")
-
+            name = f"fastdiff {method} / {level}"
+            arms.append(arm(name, wl, session=lambda merge=merge: fastdiff.accelerated(wl.pipe, merge=merge),
+                            finish=lambda h: h.summary()))
+            meta[name] = dict(method=f"fastdiff {method}", level=str(level), note="")
     if not args.no_tomesd and (not args.methods or "tomesd" in args.methods):
-        rows += run_tomesd(wl, args, measure)
-    return rows, wl
+        refused += tomesd_arms(wl, arms, meta)
+
+    timed = timing.interleaved(arms, args.repeats, warmup=1)
+    base = timed["baseline"].output
+    data_range = 1.0 if wl.trained else float(base.max() - base.min())
+    rows = []
+    for name, t in timed.items():
+        s = t.extra
+        flops = s.estimated_speedup if s is not None else (1.0 if name == "baseline" else None)
+        row = dict(meta[name], **timing.fields(timed["baseline"], t, flops), flops_speedup=flops,
+                   psnr=metrics.psnr(t.output, base, data_range), ssim=metrics.ssim(t.output, base, data_range))
+        if s is not None:
+            tokens = next((d for r in s.per_step for d in r.decisions if d), "")
+            row.update(config=s.config, tokens=tokens.replace("merge=", ""))
+        if classify:
+            row["accuracy"] = classify(t.output)
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows + refused, wl
 
 
-def run_tomesd(wl, args, measure) -> list[dict]:
+def tomesd_arms(wl, arms, meta) -> list[dict]:
+    """Append an arm per tomesd ratio (applied to the denoiser around every timed call); returns the rows of what
+    fails: handing tomesd the pipeline, and sampling with it (tried once here, before any timing)."""
     try:
         import tomesd
     except ImportError:
@@ -149,19 +155,26 @@ def run_tomesd(wl, args, measure) -> list[dict]:
     for ratio in RATIOS:
         kwargs = dict(ratio=ratio, max_downsample=md, sx=2, sy=2, use_rand=True, merge_attn=True,
                       merge_crossattn=False, merge_mlp=False)
-        try:
+
+        @contextlib.contextmanager
+        def session(kwargs=kwargs):
             tomesd.apply_patch(denoiser, **kwargs)
             try:
-                timed(wl, 1)
-                out, times = timed(wl, args.repeats)
+                yield None
             finally:
                 tomesd.remove_patch(denoiser)
+
+        try:
+            with session(), torch.no_grad():
+                wl.pipe(**wl.make_kwargs())
         except Exception as err:  # noqa: BLE001
             failed.append(dict(method="tomesd", level=str(ratio), config="-",
                                note=f"apply_patch(denoiser) then sampling fails: {type(err).__name__}: {err}"))
             break
-        measure("tomesd (self-attn)", ratio, out, times, config=json.dumps(kwargs), flops_speedup=None, tokens="",
-                note=f"tomesd {getattr(tomesd, '__version__', '0.1.3')} applied to {type(denoiser).__name__}")
+        name = f"tomesd / {ratio}"
+        arms.append(arm(name, wl, session=session))
+        meta[name] = dict(method="tomesd (self-attn)", level=str(ratio), config=json.dumps(kwargs), tokens="",
+                          note=f"tomesd {getattr(tomesd, '__version__', '0.1.3')} applied to {type(denoiser).__name__}")
     return failed
 
 
@@ -174,21 +187,24 @@ def sweep(args) -> list[dict]:
     for size in args.sweep:
         args.size = size
         wl = load(args)
-        timed(wl, 1)
-        _, base_times = timed(wl, args.repeats)
-        t_base = statistics.median(base_times)
-        row = dict(size=size, baseline_s=t_base)
+        arms = [arm("baseline", wl)]
         for name, merge in SWEEP.items():
             try:
-                with fastdiff.accelerated(wl.pipe, merge=merge) as h:
-                    timed(wl, 1)
-                    _, times = timed(wl, args.repeats)
-                    s = h.summary()
+                with fastdiff.accelerated(wl.pipe, merge=merge):
+                    pass
             except fastdiff.UnsupportedModelError:
                 continue
+            arms.append(arm(name, wl, session=lambda merge=merge: fastdiff.accelerated(wl.pipe, merge=merge),
+                            finish=lambda h: h.summary()))
+        timed = timing.interleaved(arms, args.repeats, warmup=1)
+        row = dict(size=size, baseline_s=timed["baseline"].median, baseline_spread=timed["baseline"].spread)
+        for name, t in timed.items():
+            if name == "baseline":
+                continue
+            s = t.extra
             decision = next((d for r in s.per_step for d in r.decisions if d), "").replace("merge=", "")
             row["tokens"] = decision.replace("kv ", "").split(">")[0]
-            row[name] = dict(speedup=t_base / statistics.median(times), flops=s.estimated_speedup)
+            row[name] = dict(timing.fields(timed["baseline"], t, s.estimated_speedup), flops=s.estimated_speedup)
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -201,12 +217,13 @@ def write_sweep(rows, args) -> None:
     lines = [f"# Where token merging starts to pay: {args.model}", "",
              f"- **device**: {timing.device()}, {torch.get_num_threads()} thread(s); torch {torch.__version__}, "
              f"diffusers {__import__('diffusers').__version__}",
-             "- **command**: python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), "",
+             "- **command**: python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), "", timing.TABLE_NOTE, "",
              "| size px | tokens on the merged level | baseline s | " + " | ".join(f"{n} speedup (FLOPs x)" for n in names)
              + " |", "|---" * (3 + len(names)) + "|"]
     for r in rows:
-        cells = [f"{r[n]['speedup']:.2f} ({r[n]['flops']:.2f})" if n in r else "-" for n in names]
-        lines.append(f"| {r['size']} | {r.get('tokens', '-')} | {r['baseline_s']:.3f} | " + " | ".join(cells) + " |")
+        cells = [f"{timing.speed_cell(r[n])} ({r[n]['flops']:.2f})" if n in r else "-" for n in names]
+        lines.append(f"| {r['size']} | {r.get('tokens', '-')} | {r['baseline_s']:.3f} ±{r['baseline_spread']:.0%} | "
+                     + " | ".join(cells) + " |")
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 
@@ -217,7 +234,7 @@ def write_sweep(rows, args) -> None:
 def _line(r) -> str:
     fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}x"
     acc = f"  acc {r['accuracy']:.3f}" if "accuracy" in r else ""
-    return (f"{r['method']:<32} {r['level']:<8} {r['time_s']:8.3f}s {r['speedup']:6.2f}x  PSNR {r['psnr']:6.2f}  "
+    return (f"{r['method']:<32} {r['level']:<8} {timing.time_cell(r)} s  {timing.speed_cell(r)}  PSNR {r['psnr']:6.2f}  "
             f"SSIM {r['ssim']:.4f}  FLOPs {fl}{acc}  {r.get('tokens', '')}")
 
 
@@ -229,22 +246,23 @@ def write(rows, wl, out: Path) -> None:
                command="python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), workload=wl.describe,
                trained=wl.trained)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
-    keys = ["method", "level", "time_s", "spread_s", "speedup", "psnr", "ssim", "flops_speedup", "accuracy", "tokens",
-            "config", "note"]
+    keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
+            "psnr", "ssim", "flops_speedup", "accuracy", "tokens", "config", "note"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     lines = [f"# Token-merging benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
-             "| method | ratio | time s | speedup | PSNR dB | SSIM | FLOPs x | class acc | tokens (per merged level) | "
-             "config / note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             timing.TABLE_NOTE, "",
+             "| method | ratio | time s ± spread | speedup [per-round range] | PSNR dB | SSIM | FLOPs x | class acc | "
+             "tokens (per merged level) | config / note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "time_s" not in r:
             lines.append(f"| {r['method']} | {r['level']} | - | - | - | - | - | - | - | {r['note']} |")
             continue
         fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
         acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-        lines.append(f"| {r['method']} | {r['level']} | {r['time_s']:.3f} ± {r['spread_s']:.3f} | {r['speedup']:.2f} | "
+        lines.append(f"| {r['method']} | {r['level']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | {r.get('tokens', '')} | `{r['config']}` "
                      f"{r.get('note', '')} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")

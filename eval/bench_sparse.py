@@ -5,20 +5,20 @@
 
 Speed: one denoiser forward of a DiT (`DiTTransformer2DModel`, random weights: latency does not depend on them)
 at 4096 tokens and a Wan video transformer (`WanTransformer3DModel`) at 8 x 32 x 32 tokens; median wall time of
-`--repeats` forwards after a warm-up, the backend dispatch picks (gathered blocks on CPU, the Triton kernel on
-CUDA), measured density and FLOPs speedup from fastdiff's own accounting, and the relative error of the output
-against dense. Fidelity (optional): a trained reference model's samples with each pattern, PSNR against the
-dense samples of the same seeds, and class accuracy. Writes results.json and README.md under --out.
+`--repeats` forwards after a warm-up, interleaved over dense and the patterns (fastdiff.eval.timing), the backend
+dispatch picks (gathered blocks on CPU, the Triton kernel on CUDA), measured density and FLOPs speedup from
+fastdiff's own accounting, and the relative error of the output against dense. Fidelity (optional): a trained
+reference model's samples with each pattern, PSNR against the dense samples of the same seeds, and class accuracy.
+Writes results.json and README.md under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -64,66 +64,61 @@ def wan(device, dtype, frames: int, side: int):
     return model, inputs, f"Wan 4 layers, 8x64 heads, {frames}x{side}x{side} tokens"
 
 
-def forward_times(model, inputs, repeats: int):
-    with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]  # warm-up (and the output)
-        times = []
-        for _ in range(repeats):
-            timing.sync()
-            start = time.perf_counter()
-            model(**inputs, return_dict=False)
-            timing.sync()
-            times.append(time.perf_counter() - start)
-    return out.float().cpu(), times
+def forward_arm(name: str, model, inputs, session=contextlib.nullcontext, finish=None) -> timing.Arm:
+    """One denoiser forward per call; its output on CPU."""
+    return timing.Arm(name, lambda _: model(**inputs, return_dict=False)[0].float().cpu(), session=session,
+                      finish=finish)
 
 
 def speed(models, repeats: int, block: int):
+    """Per model: dense and every pattern, warmed up, then timed in interleaved rounds."""
     rows = []
     for model, inputs, name in models:
-        base, t0 = forward_times(model, inputs, repeats)
-        dense_t = statistics.median(t0)
-        rows.append(dict(model=name, method="dense", seconds=dense_t, spread=timing.spread(t0), speedup=1.0,
-                         flops_speedup=1.0, density=1.0, rel_err=0.0))
-        print(f"{name}: dense {dense_t:.3f}s", flush=True)
+        arms = [forward_arm("dense", model, inputs)]
         for label, cfg in PATTERNS.items():
-            h = fastdiff.apply(model, {"sparse": {**cfg, "block": block, "start": 0.0}})
-            try:
-                out, t = forward_times(model, inputs, repeats)
-                s = h.summary()
-                dens = s.mechanisms["sparse"]["density"]
-            finally:
-                h.remove()
-            sec = statistics.median(t)
-            rows.append(dict(model=name, method=label, seconds=sec, spread=timing.spread(t), speedup=dense_t / sec,
-                             flops_speedup=s.dense_flops / s.flops,
+            arms.append(forward_arm(label, model, inputs, finish=lambda h: h.summary(),
+                                    session=lambda cfg=cfg: fastdiff.accelerated(
+                                        model, {"sparse": {**cfg, "block": block, "start": 0.0}})))
+        timed = timing.interleaved(arms, repeats, warmup=1)
+        base = timed["dense"]
+        rows.append(dict(model=name, method="dense", **timing.fields(base, base, 1.0), flops_speedup=1.0, density=1.0,
+                         rel_err=0.0))
+        print(f"{name}: dense {timing.time_cell(rows[-1])} s", flush=True)
+        for label, t in timed.items():
+            if label == "dense":
+                continue
+            s = t.extra
+            dens = s.mechanisms["sparse"]["density"]
+            flops = s.dense_flops / s.flops
+            rows.append(dict(model=name, method=label, **timing.fields(base, t, flops), flops_speedup=flops,
                              density=sum(dens.values()) / max(1, len(dens)),
-                             rel_err=float((out - base).norm() / base.norm())))
+                             rel_err=float((t.output - base.output).norm() / base.output.norm())))
             r = rows[-1]
-            print(f"  {label}: {sec:.3f}s {r['speedup']:.2f}x (FLOPs {r['flops_speedup']:.2f}x, density "
-                  f"{r['density']:.3f}, rel err {r['rel_err']:.3f})", flush=True)
+            print(f"  {label}: {timing.time_cell(r)} s {timing.speed_cell(r)} (FLOPs {r['flops_speedup']:.2f}x, "
+                  f"density {r['density']:.3f}, rel err {r['rel_err']:.3f})", flush=True)
     return rows
 
 
-def fidelity(name: str, samples: int, steps: int, block: int):
+def fidelity(name: str, samples: int, steps: int, block: int, repeats: int):
     from . import workloads
 
     wl = workloads.load(name, samples=samples, steps=steps)
     accuracy = timing.class_accuracy(name)
-    base, t0 = timing.timed(wl, 2)
-    rows = [dict(model=name, method="dense", seconds=statistics.median(t0), speedup=1.0, psnr=float("inf"),
-                 accuracy=accuracy(base) if accuracy else None)]
+    arms = [timing.workload_arm("dense", wl)]
     for label, cfg in PATTERNS.items():
-        h = fastdiff.apply(wl.pipe, {"sparse": {**cfg, "block": block, "window": cfg.get("window", [3, 3, 3])}})
-        try:
-            out, t = timing.timed(wl, 2)
-            s = h.summary()
-        finally:
-            h.remove()
-        rows.append(dict(model=name, method=label, seconds=statistics.median(t),
-                         speedup=statistics.median(t0) / statistics.median(t), flops_speedup=s.dense_flops / s.flops,
-                         psnr=float(metrics.psnr(out, base)), accuracy=accuracy(out) if accuracy else None))
+        sparse = {"sparse": {**cfg, "block": block, "window": cfg.get("window", [3, 3, 3])}}
+        arms.append(timing.workload_arm(label, wl, session=lambda sparse=sparse: fastdiff.accelerated(wl.pipe, sparse),
+                                        finish=lambda h: h.summary()))
+    timed = timing.interleaved(arms, repeats, warmup=1)
+    base = timed["dense"]
+    rows = []
+    for label, t in timed.items():
+        flops = 1.0 if t.extra is None else t.extra.dense_flops / t.extra.flops
+        rows.append(dict(model=name, method=label, **timing.fields(base, t, flops), flops_speedup=flops,
+                         psnr=float(metrics.psnr(t.output, base.output)),
+                         accuracy=accuracy(t.output) if accuracy else None))
         r = rows[-1]
-        print(f"  {name} {label}: {r['speedup']:.2f}x, FLOPs {r['flops_speedup']:.2f}x, PSNR {r['psnr']:.1f} dB, "
+        print(f"  {name} {label}: {timing.speed_cell(r)}, FLOPs {r['flops_speedup']:.2f}x, PSNR {r['psnr']:.1f} dB, "
               f"acc {r['accuracy']}", flush=True)
     return rows
 
@@ -144,7 +139,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     models = [dit(device, dtype, a.dit_side), wan(device, dtype, *a.wan)]
     rows = speed(models, a.repeats, a.block)
-    fid = fidelity(a.fidelity, a.samples, a.steps, a.fidelity_block) if a.fidelity else []
+    fid = fidelity(a.fidelity, a.samples, a.steps, a.fidelity_block, a.repeats) if a.fidelity else []
     a.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=timing.device(), torch=torch.__version__, threads=torch.get_num_threads(),
                 python=platform.python_version(), command="python -m fastdiff.eval.bench_sparse " + " ".join(
@@ -152,16 +147,16 @@ def main(argv=None):
                     torch.empty(1, device=device)))
     (a.out / "results.json").write_text(json.dumps(dict(meta=meta, speed=rows, fidelity=fid), indent=1))
     lines = [f"# Sparse attention: {meta['device']}", "", f"torch {meta['torch']}, {meta['threads']} threads, "
-             f"backend `{meta['backend']}`, block {a.block}. Command: `{meta['command']}`", "",
-             "| model | method | time (s) | speedup | FLOPs speedup | density | rel. error vs dense |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['seconds']:.3f} ± {r['spread']:.3f} | {r['speedup']:.2f}x | "
+             f"backend `{meta['backend']}`, block {a.block}. Command: `{meta['command']}`", "", timing.TABLE_NOTE, "",
+             "| model | method | time s ± spread | speedup [per-round range] | FLOPs speedup | density | "
+             "rel. error vs dense |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | "
               f"{r['flops_speedup']:.2f}x | {r['density']:.3f} | {r['rel_err']:.3f} |" for r in rows]
     if fid:
         lines += ["", f"## Fidelity on {a.fidelity} (trained), block {a.fidelity_block}, {a.samples} samples, "
                   f"{a.steps} steps", "", "| method | speedup | FLOPs speedup | PSNR vs dense | class accuracy |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['speedup']:.2f}x | {r.get('flops_speedup', 1.0):.2f}x | {r['psnr']:.1f} dB | "
+        lines += [f"| {r['method']} | {timing.speed_cell(r)} | {r['flops_speedup']:.2f}x | {r['psnr']:.1f} dB | "
                   f"{r['accuracy']} |" for r in fid]
     (a.out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

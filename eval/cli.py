@@ -3,21 +3,28 @@
     fastdiff-eval --model ref-digits --preset cache-safe --preset cache-fast --samples 100 --steps 20 --out runs/x
     accelerate launch --num_processes 4 -m fastdiff.eval.cli --model ... --out ...   # samples split over processes
 
-Per config it writes <out>/<name>.json (resumable: an existing file is kept unless --force) and a sample
-grid PNG; then <out>/results.csv, results.json and pareto.png over all configs. Every sample i is drawn
-from its own seed (seed + i), so a sample is the same whichever process or batch computes it and the
-multi-process numbers equal the single-process ones. Latency: warm-up call, device sync, median and
-spread over --repeats timed batches, end to end and inside the denoiser alone; speedup is baseline /
-config, measured in the same run.
+Per config it writes <out>/<name>.json and a sample grid PNG; then <out>/results.csv, results.json and
+pareto.png over all configs. Sweeps resume: an existing <name>.json is kept unless --force, but only after it is
+checked to be a result of that very config (known keys and types; else a clear refusal). Nothing is written or read
+through a link: --out and its entries may not be symbolic links, files are replaced by renaming (see outdir.py),
+and CSV cells that a spreadsheet would run as formulas are quoted.
+
+Every sample i is drawn from its own seed (seed + i), so a sample is the same whichever process or batch computes
+it and the multi-process numbers equal the single-process ones. Latency (timing.interleaved): every config is
+warmed up once, then --repeats (default 3) timed rounds interleave baseline and configs, with a device sync around
+each call; medians end to end and inside the denoiser alone, the spread of the rounds, and the speedup
+(baseline / config, this run) with the range of the per-round ratios. A row is flagged UNRELIABLE when a spread is
+over 20%, fewer than 3 rounds were timed, or the speedup is above the FLOPs bound of fastdiff's own accounting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -27,6 +34,7 @@ import fastdiff
 from fastdiff.integrations.diffusers import find_parts
 
 from . import metrics, timing, workloads
+from .outdir import OutDir, csv_cell
 
 
 class DenoiserTimer:
@@ -50,35 +58,28 @@ class DenoiserTimer:
             h.remove()
 
 
-def generate(wl: workloads.Workload, indices: list[int], batch_size: int, repeats: int, progress: bool):
-    """Images for `indices` and timings: per timed pass, end-to-end and denoiser seconds over all batches."""
-    from tqdm.auto import tqdm
-
+def arm(name: str, cfg, wl: workloads.Workload, indices: list[int], batch_size: int, inner: dict) -> timing.Arm:
+    """The arm that samples this process's `indices` batch by batch under `cfg` (None: the baseline). Each call
+    appends the seconds spent inside the denoiser to inner[name]; the summary of the last timed call is its extra."""
     batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     denoiser = find_parts(wl.pipe)[1]
-    with torch.no_grad():
-        if batches:
-            wl.pipe(**wl.make_kwargs(batches[0][:1]))  # warm-up (lazy init, allocator, compile caches)
-    e2e, inner, images = [], [], None
-    for _ in range(max(1, repeats)):
-        timer = DenoiserTimer(denoiser)
-        outs, total = [], 0.0
-        try:
-            for batch in tqdm(batches, disable=not progress, leave=False, desc="batches"):
-                kw = wl.make_kwargs(batch)
-                timing.sync()
-                start = time.perf_counter()
-                with torch.no_grad():
-                    out = wl.pipe(**kw)
-                timing.sync()
-                total += time.perf_counter() - start
-                outs.append(wl.to_images(out).float().cpu())
-        finally:
-            timer.close()
-        e2e.append(total)
-        inner.append(timer.total)
-        images = torch.cat(outs) if outs else torch.empty(0)
-    return images, e2e, inner
+
+    @contextlib.contextmanager
+    def session():
+        with (fastdiff.accelerated(wl.pipe, cfg) if cfg is not None else contextlib.nullcontext()) as handle:
+            timer = DenoiserTimer(denoiser)
+            try:
+                yield handle
+            finally:
+                timer.close()
+                inner.setdefault(name, []).append(timer.total)
+
+    def call(calls):
+        outs = [wl.to_images(wl.pipe(**kw)).float().cpu() for kw in calls]
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    return timing.Arm(name, call, prepare=lambda: [wl.make_kwargs(b) for b in batches], session=session,
+                      finish=lambda handle: handle.summary() if handle is not None else None)
 
 
 def evaluate(images, base, wl, refs) -> dict:
@@ -122,6 +123,59 @@ def configs(args) -> list[tuple[str, object]]:
     return out
 
 
+# The keys a result file holds and their types: the only ones read back from a file this run did not write.
+_NUM = (int, float)
+ROW_FIELDS = {
+    "name": (str,), "config": (dict, type(None)), "samples": (int,), "processes": (int,), "repeats": (int,),
+    "time_s": _NUM, "times_s": (list,), "spread": _NUM, "denoiser_s": _NUM, "flops_speedup": _NUM, "speedup": _NUM,
+    "speedup_low": _NUM, "speedup_high": _NUM, "denoiser_speedup": _NUM, "baseline_time_s": _NUM, "reliable": (bool,),
+    "timing_note": (str,), "psnr": _NUM, "ssim": _NUM,
+}
+OPTIONAL_FIELDS = {"class_accuracy": _NUM, "fd_classifier_vs_real": _NUM, "fd_classifier_vs_baseline": _NUM,
+                   "fid_vs_baseline": _NUM}
+# results.csv: fixed columns (never the keys of a row), in this order
+COLUMNS = ["name", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "flops_speedup", "reliable",
+           "timing_note", "denoiser_s", "denoiser_speedup", "psnr", "ssim", "class_accuracy", "fd_classifier_vs_real",
+           "fd_classifier_vs_baseline", "fid_vs_baseline", "samples", "processes", "repeats", "baseline_time_s",
+           "resumed"]
+
+
+def validate_row(row, name: str, cfg) -> str | None:
+    """Why a result file read back is not this config's result (None: it is)."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    unknown = sorted(set(row) - set(ROW_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown:
+        return f"unknown keys {unknown[:5]}"
+    missing = sorted(set(ROW_FIELDS) - set(row))
+    if missing:
+        return f"missing keys {missing[:5]}"
+    for key, value in row.items():
+        types = ROW_FIELDS.get(key) or OPTIONAL_FIELDS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"{key}: {type(value).__name__} is not {'/'.join(t.__name__ for t in types)}"
+    if not all(isinstance(t, _NUM) and not isinstance(t, bool) for t in row["times_s"]):
+        return "times_s: not a list of numbers"
+    if row["name"] != name:
+        return f"name {row['name']!r} is not {name!r}"
+    if row["config"] != json.loads(json.dumps(cfg.to_dict(), default=_json)):  # as this run would write it
+        return "its config is not this config"
+    return None
+
+
+def _resume(out: OutDir, name: str, cfg):
+    """The validated row of an earlier run of this config, or a clear refusal naming the file."""
+    path = out.path / f"{name}.json"
+    try:
+        row = json.loads(out.read_text(f"{name}.json"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{path} is not a fastdiff-eval result ({err}); delete it or pass --force") from None
+    why = validate_row(row, name, cfg)
+    if why is not None:
+        raise SystemExit(f"{path} is not a fastdiff-eval result of this config ({why}); delete it or pass --force")
+    return {**row, "resumed": True}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="fastdiff-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ref-digits", help="reference model name or tiny family name")
@@ -131,74 +185,100 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="timed passes over all samples (median reported)")
+    ap.add_argument("--repeats", type=int, default=timing.MIN_REPEATS,
+                    help=f"timed rounds, interleaved over the configs (median reported; < {timing.MIN_REPEATS} is "
+                    "flagged unreliable)")
     ap.add_argument("--inception-weights", help="local Inception weights file for FID (never downloaded)")
     ap.add_argument("--lpips-weights", help="local LPIPS weights (see README)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="recompute configs whose result file exists")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    # the output folder and every entry this run writes or reads: no links, checked before any work
+    out = OutDir(args.out)
+    todo = configs(args)
+    out.check("results.csv", "results.json", "pareto.png", "baseline.pt",
+              *(f"{name}{ext}" for name, _ in todo for ext in (".json", ".png")))
+    kept = {name: _resume(out, name, cfg) for name, cfg in todo
+            if name != "baseline" and not args.force and out.exists(f"{name}.json")}
+
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes
     wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
     if torch.cuda.is_available():
         wl.pipe.to(state.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = configs(args)
     with state.split_between_processes(list(range(args.samples))) as mine:
         mine = list(mine)
     refs = _references(args, wl) if state.is_main_process else {}
+
+    # baseline and every config not kept: warmed up, then timed in interleaved rounds (baseline, A, B, baseline, ...)
+    inner: dict[str, list[float]] = {}
+    arms = [arm(name, cfg, wl, mine, args.batch_size, inner) for name, cfg in todo if name not in kept]
+    timed = timing.interleaved(arms, args.repeats, warmup=1)
+    gathered = gather_object([(mine, {n: (t.output, t.times, inner[n][-args.repeats:]) for n, t in timed.items()})])
+    if not state.is_main_process:
+        return
+
+    def total(name, k):  # seconds per timed round, summed over processes
+        return [sum(p[1][name][k][r] for p in gathered) for r in range(args.repeats)]
+
+    e2e = {name: timing.Timing(name, total(name, 1)) for name in timed}
+    den = {name: timing.Timing(name, total(name, 2)) for name in timed}
     base = None
     rows = []
     for name, cfg in todo:
-        path = args.out / f"{name}.json"
-        if path.exists() and not args.force and name != "baseline":
-            rows.append(json.loads(path.read_text()))
+        if name in kept:
+            rows.append(kept[name])
             continue
-        ctx = fastdiff.accelerated(wl.pipe, cfg) if cfg is not None else _nothing()
-        with ctx as handle:
-            images, e2e, inner = generate(wl, mine, args.batch_size, args.repeats, state.is_main_process)
-            summary = handle.summary() if handle is not None else None
-        gathered = gather_object([(mine, images, e2e, inner)])  # every process's samples and timings
-        if not state.is_main_process:
-            continue
-        order = sorted(((i, img) for idx, imgs, _, _ in gathered for i, img in zip(idx, imgs)), key=lambda p: p[0])
+        order = sorted(((i, img) for idx, per in gathered for i, img in zip(idx, per[name][0])), key=lambda p: p[0])
         images = torch.stack([img for _, img in order])
-        e2e = [sum(p[2][k] for p in gathered) for k in range(len(e2e))]  # total over processes, per pass
-        inner = [sum(p[3][k] for p in gathered) for k in range(len(inner))]
+        summary = timed[name].extra
+        bound = summary.estimated_speedup if summary is not None else 1.0
+        speed = timing.compare(e2e["baseline"], e2e[name], bound)
         row = {"name": name, "config": cfg.to_dict() if cfg is not None else None, "samples": len(images),
-               "processes": state.num_processes, "time_s": statistics.median(e2e), "spread_s": timing.spread(e2e),
-               "denoiser_s": statistics.median(inner),
-               "flops_speedup": summary.estimated_speedup if summary is not None else 1.0}
+               "processes": state.num_processes, "repeats": args.repeats, "time_s": e2e[name].median,
+               "times_s": e2e[name].times, "spread": e2e[name].spread, "denoiser_s": den[name].median,
+               "flops_speedup": bound, "speedup": speed.ratio, "speedup_low": speed.low, "speedup_high": speed.high,
+               "denoiser_speedup": den["baseline"].median / den[name].median if den[name].median > 0 else math.inf,
+               "baseline_time_s": e2e["baseline"].median, "reliable": speed.reliable, "timing_note": speed.note}
         if name == "baseline":
             base = images
-            torch.save(images, args.out / "baseline.pt")
-        elif base is None:
-            base = torch.load(args.out / "baseline.pt")
+            buf = io.BytesIO()
+            torch.save(images, buf)
+            out.write_bytes("baseline.pt", buf.getvalue())
         row.update(evaluate(images, base, wl, refs))
-        base_row = rows[0] if rows else row
-        row["speedup"] = base_row["time_s"] / row["time_s"]
-        row["denoiser_speedup"] = base_row["denoiser_s"] / row["denoiser_s"]
-        path.write_text(json.dumps(row, indent=1, default=_json))
-        grid(images[:40], args.out / f"{name}.png")
+        out.write_text(f"{name}.json", json.dumps(row, indent=1, default=_json))
+        buf = io.BytesIO()
+        grid(images[:40], buf)
+        out.write_bytes(f"{name}.png", buf.getvalue())
         rows.append(row)
-        print(f"{name:<40} {row['time_s']:.3f}s  {row['speedup']:.2f}x  PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.4f}"
-              + (f"  acc {row['class_accuracy']:.3f}" if "class_accuracy" in row else ""), flush=True)
-    if state.is_main_process:
-        write_tables(rows, args.out, wl)
+    print(table(rows, wl, args.repeats), flush=True)
+    write_tables(rows, out, wl)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def table(rows, wl, repeats: int) -> str:
+    """The printed table: time with its spread, speedup with the range of the per-round ratios, the FLOPs bound, and
+    why a row's timing is not to be trusted."""
+    lines = [f"{wl.describe}; median of {repeats} interleaved rounds after a warm-up; speedup [range of per-round "
+             f"ratios]; UNRELIABLE: spread > {timing.SPREAD_LIMIT:.0%}, < {timing.MIN_REPEATS} rounds, or above the "
+             "FLOPs bound",
+             f"{'config':<28} {'time s':>8} {'spread':>7} {'speedup [range]':>24} {'FLOPs x':>8} {'PSNR':>7} "
+             f"{'SSIM':>7} {'acc':>6}  note"]
+    for r in rows:
+        cell = f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
+        cell += "" if r["reliable"] else " UNRELIABLE"
+        acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
+        note = r["timing_note"] + ("; resumed: timed in an earlier run" if r.get("resumed") else "")
+        lines.append(f"{r['name'][:28]:<28} {r['time_s']:>8.3f} {r['spread']:>6.1%} {cell:>24} "
+                     f"{r['flops_speedup']:>7.2f}x {r['psnr']:>7.2f} {r['ssim']:>7.4f} {acc:>6}  {note}")
+    return "\n".join(lines)
 
 
 def _json(v):
@@ -207,8 +287,9 @@ def _json(v):
     return str(v)
 
 
-def grid(images: torch.Tensor, path: Path, cols: int = 10) -> None:
-    """A PNG grid of (N, C, H, W) images in [0, 1] (first three channels; latents are min-max scaled)."""
+def grid(images: torch.Tensor, target, cols: int = 10) -> None:
+    """A PNG grid of (N, C, H, W) images in [0, 1] (first three channels; latents are min-max scaled), written to a
+    path or a binary file object."""
     from PIL import Image
 
     x = images[:, :3] if images.shape[1] >= 3 else images[:, :1].expand(-1, 3, -1, -1)
@@ -225,16 +306,16 @@ def grid(images: torch.Tensor, path: Path, cols: int = 10) -> None:
         canvas[:, r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = x[i]
     arr = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
     scale = max(1, 256 // max(h, w))
-    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
+    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(target, format="PNG")
 
 
-def write_tables(rows, out: Path, wl) -> None:
-    keys = sorted({k for r in rows for k in r if k != "config"}, key=lambda k: (k != "name", k))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"workload": wl.describe, "rows": rows}, indent=1, default=_json))
+def write_tables(rows, out: OutDir, wl) -> None:
+    text = io.StringIO()
+    w = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({k: csv_cell(v) for k, v in r.items() if k in COLUMNS} for r in rows)
+    out.write_text("results.csv", text.getvalue())
+    out.write_text("results.json", json.dumps({"workload": wl.describe, "rows": rows}, indent=1, default=_json))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,14 +323,17 @@ def write_tables(rows, out: Path, wl) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows[1:]:
-        ax.scatter(r["speedup"], min(r["psnr"], 80))
-        ax.annotate(r["name"], (r["speedup"], min(r["psnr"], 80)), fontsize=6)
-    ax.set_xlabel("speedup (same run)")
+        ax.scatter(r["speedup"], min(r["psnr"], 80), marker="o" if r["reliable"] else "x")
+        ax.annotate(r["name"] + ("" if r["reliable"] else " (unreliable)"), (r["speedup"], min(r["psnr"], 80)),
+                    fontsize=6)
+    ax.set_xlabel("speedup (same run, interleaved)")
     ax.set_ylabel("PSNR vs baseline, dB")
     ax.set_title(wl.name + ("" if wl.trained else " (random weights)"))
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    out.write_bytes("pareto.png", buf.getvalue())
 
 
 if __name__ == "__main__":
