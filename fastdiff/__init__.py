@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from . import adapters
 from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
-from .cost.estimate import Estimate, dense_table
+from .cost.estimate import Estimate, check_run, dense_table, token_patch
 from .cost.model import CostModel
 from .cost.planner import Plan, calibrate, plan
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
@@ -130,14 +130,24 @@ def accelerated(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None
 def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: int, steps: int,
              num_frames: int | None = None, batch: int = 1, cfg: bool = True, text_tokens: int | None = None,
              preset: str | None = None, **overrides) -> Estimate:
-    """Predicted FLOPs of one sampling run with `config` against the dense baseline. Runs no model."""
+    """Predicted FLOPs of one sampling run with `config` against the dense baseline. Runs no model.
+
+    `height`/`width` (and `num_frames`) are the output size a pipeline call would be given; they are turned into
+    latents by the pipeline's own VAE scale (1 for a pipeline without a VAE, e.g. the pixel-space reference models).
+    For a bare denoiser there is no VAE to know of: they are the latent sizes it is called on (before any packing,
+    e.g. Flux's 2x2), and `num_frames` the latent frames. Sizes that make no whole token grid are refused (ConfigError
+    naming the multiple needed), as are non-positive, non-int or bool sizes, steps and batch.
+    """
+    check_run(height=height, width=width, steps=steps, num_frames=num_frames, batch=batch, cfg=cfg,
+              text_tokens=text_tokens)
     config = load_config(config, preset=preset, **overrides)
     pipeline, denoiser, _ = find_parts(pipe_or_denoiser)
     adapter = adapters.resolve(denoiser)
     config = config.for_family(adapter.name)
     model = CostModel(adapter)
     spec = adapter.spec
-    grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, height, width, num_frames))
+    patch = token_patch(spec.latent_grid, denoiser.config)
+    grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, height, width, num_frames, patch))
     n_text = spec.text_tokens if text_tokens is None else text_tokens
     layout = TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position)
     dense = dense_table(model, layout, steps, 2 if cfg else 1, batch)

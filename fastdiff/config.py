@@ -561,7 +561,7 @@ def _refuse_interpolation(data: Any, where: str, at: str = "") -> None:
     for key, value in items:
         key_at = f"{at}.{key}" if isinstance(data, dict) and at else f"{at}[{key}]" if at else str(key)
         if (isinstance(key, str) and "${" in key) or (isinstance(value, str) and "${" in value):
-            raise ConfigError(f"{where}: {_shown(key_at, 80)}: interpolation ('${{...}}') is not supported in fastdiff "
+            raise ConfigError(f"{where}: {key_at[:80]}: interpolation ('${{...}}') is not supported in fastdiff "
                               "configs; write the value itself")
         _refuse_interpolation(value, where, key_at)
 

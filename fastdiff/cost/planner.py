@@ -8,12 +8,17 @@ threshold until the run's accounted FLOPs speedup (`summary().estimated_speedup`
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import FastDiffConfig
 from ..errors import ConfigError
 from ..mechanisms.caching.policies import POLICIES
+from .estimate import check_int, check_run
+
+SHAPE_KEYS = ("height", "width", "steps", "num_frames", "batch", "cfg", "text_tokens")  # fastdiff.estimate's
 
 
 @dataclass
@@ -43,12 +48,24 @@ def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | Non
     """
     import fastdiff
 
-    if not 1.0 <= target <= 100:
-        raise ConfigError(f"target speedup must be in [1, 100], got {target}")
+    _check_real("target speedup", target, 1.0, 100.0)
+    _check_real("tolerance", tolerance, 0.0, 0.5)
+    check_int("max_runs", max_runs, 1, 100)
+    if call is not None and not callable(call):
+        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
+                          f"{type(call).__name__}")
+    unknown = sorted(set(shape) - set(SHAPE_KEYS))
+    if unknown:
+        raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
     cfg = fastdiff.load_config(config)
     if cfg.cache is None:
         raise ConfigError("plan() tunes the cache section: give a config with a cache policy")
     if not POLICIES[cfg.cache.policy].adaptive:
+        missing = [k for k in ("height", "width", "steps") if k not in shape]
+        if missing:
+            raise ConfigError(f"cache policy '{cfg.cache.policy}' is planned from the cost model: plan() needs the "
+                              f"run's size, missing {missing} (fastdiff.estimate's arguments)")
+        check_run(**{"num_frames": None, "batch": 1, "cfg": True, "text_tokens": None, **shape})
         trace = []
         for interval in range(1, 101):
             c = cfg.merged({"cache": {"interval": interval}})
@@ -61,6 +78,9 @@ def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | Non
     if call is None:
         raise ConfigError(f"cache policy '{cfg.cache.policy}' adapts to the model: plan() needs `call`, "
                           "one representative sampling call (e.g. lambda: pipe(**kwargs)) to tune its threshold on")
+    if shape:  # the call fixes the size; sizes given here would be ignored
+        raise ConfigError(f"cache policy '{cfg.cache.policy}' is tuned on `call`, which fixes the run's size: "
+                          f"drop the size argument(s) {sorted(shape)}")
     trace: list[tuple[float, float]] = []
 
     def measure(threshold: float) -> float:
@@ -91,6 +111,13 @@ def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | Non
     return Plan(cfg.merged({"cache": {"threshold": value}}), target, speed, "cache.threshold", value, len(trace), trace)
 
 
+def _check_real(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+
+
 def calibrate(pipe: Any, call: Callable[[], Any], *, head: int = 1, degree: int = 2) -> list[float]:
     """Fit the residual policy's `rescale` polynomial on one dense run of `call` (TeaCache-style calibration).
 
@@ -103,6 +130,11 @@ def calibrate(pipe: Any, call: Callable[[], Any], *, head: int = 1, degree: int 
 
     import fastdiff
 
+    if not callable(call):
+        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
+                          f"{type(call).__name__}")
+    check_int("head", head, 1)
+    check_int("degree", degree, 1, 5)
     cfg = {"cache": {"policy": "residual", "head": head, "threshold": 0.0}}
     with fastdiff.accelerated(pipe, cfg) as handle:
         cache = next(m for m in handle.mechanisms if m.name == "cache")

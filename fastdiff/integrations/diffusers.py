@@ -30,12 +30,50 @@ def find_parts(obj: Any) -> tuple[Any, torch.nn.Module, Any]:
     return obj, denoiser, getattr(obj, "scheduler", None)
 
 
-def latent_dims(pipeline: Any, height: int, width: int, num_frames: int | None) -> tuple[int, int, int]:
-    """Latent (frames, height, width) the pipeline would denoise for an output of this size."""
-    spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
-    if spatial is None:  # e.g. DiTPipeline keeps no scale factor: read it off the VAE like the others do
-        channels = getattr(getattr(getattr(pipeline, "vae", None), "config", None), "block_out_channels", None)
-        spatial = 2 ** (len(channels) - 1) if channels else 8
-    temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 1
-    frames = 1 if not num_frames else (num_frames - 1) // temporal + 1
+def latent_dims(pipeline: Any, height: int, width: int, num_frames: int | None,
+                patch: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, int, int]:
+    """Latent (frames, height, width) the pipeline would denoise for an output of this size.
+
+    The scale is the pipeline's own: the `vae_scale_factor(_spatial)` / `vae_scale_factor_temporal` it declares, else
+    its VAE's downsampling (2 ** (levels - 1), as diffusers' pipelines compute it); a pipeline with no VAE samples in
+    pixel space (scale 1); for a bare denoiser (`pipeline` None: no VAE to know of) the sizes are latent sizes already.
+    The output must make whole latents and a whole grid of tokens of `patch` latents (frames, height, width each):
+    ConfigError names the multiple needed.
+    """
+    from ..errors import ConfigError
+
+    owner = "a bare denoiser (sizes are latent sizes)" if pipeline is None else type(pipeline).__name__
+    spatial, temporal = 1, 1
+    if pipeline is not None:
+        spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
+        temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 1
+        components = getattr(pipeline, "components", None) or {}
+        vae = components.get("vae", getattr(pipeline, "vae", None))
+        if spatial is None and vae is not None:  # e.g. DiTPipeline keeps no scale factor: read it off the VAE
+            channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
+            spatial = 2 ** (len(channels) - 1) if channels else None
+        if spatial is None and ("vae" in components or vae is not None):
+            raise UnsupportedModelError(
+                f"{owner} declares no vae_scale_factor and its vae ({type(vae).__name__}) does not tell its "
+                "downsampling, so the latent size of an output is unknown: set pipe.vae_scale_factor, or estimate on "
+                "the denoiser with latent sizes")
+        spatial = 1 if spatial is None else spatial  # no VAE at all: the pipeline samples pixels
+    for name, value in (("spatial", spatial), ("temporal", temporal)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedModelError(f"{owner}: vae_scale_factor ({name}) must be a positive int, got {value!r}")
+    pt, ph, pw = patch
+    for axis, size, per in (("height", height, ph), ("width", width, pw)):
+        if size % (spatial * per):
+            raise ConfigError(
+                f"{axis} {size} makes no whole token grid: it must be a multiple of {spatial * per} (latent scale "
+                f"{spatial} of {owner} x {per} latents per token)")
+    frames = 1 if num_frames is None else num_frames
+    if pipeline is not None and num_frames is not None:
+        if (num_frames - 1) % temporal:
+            raise ConfigError(f"num_frames {num_frames} makes no whole latent frames: {owner} compresses time "
+                              f"{temporal}x, so num_frames must be 1 + a multiple of {temporal}")
+        frames = (num_frames - 1) // temporal + 1
+    if frames % pt:
+        raise ConfigError(f"num_frames {num_frames} gives {frames} latent frames, not a multiple of the denoiser's "
+                          f"{pt} latent frames per token")
     return frames, height // spatial, width // spatial

@@ -336,3 +336,68 @@ def test_every_preset_accelerates_every_family_by_the_cost_model():
                 continue
             est = fastdiff.estimate(pipe, preset=preset, steps=20, **size)
             assert est.speedup > 1.3, (preset, family, est.speedup)
+
+
+# -- config files are data: no interpolation, only YAML files, no content echoed (issue 17 item 11, r13) ----------
+SECRET = "hf_SECRET_123"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("cache:\n  policy: ${oc.env:FASTDIFF_TEST_TOKEN}\n", "cache.policy"),
+    ("cache:\n  policy: static\n  estimator: x${oc.env:FASTDIFF_TEST_TOKEN}\n", "cache.estimator"),
+    ("merge:\n  targets: [self_attention, '${oc.env:FASTDIFF_TEST_TOKEN}']\n", "merge.targets[1]"),
+    ("families:\n  ${oc.env:FASTDIFF_TEST_TOKEN}: {}\n", "families.${oc.env:FASTDIFF_TEST_TOKEN}"),
+    ("telemetry:\n  enabled: ${oops}\n", "telemetry.enabled"),
+])
+def test_yaml_interpolation_is_refused_and_never_resolved(tmp_path, monkeypatch, text, key):
+    monkeypatch.setenv("FASTDIFF_TEST_TOKEN", SECRET)
+    path = _write(tmp_path, "evil.yaml", text)
+    with pytest.raises(ConfigError, match="interpolation") as info:
+        load_config(path)
+    assert SECRET not in str(info.value) and f"{key}:" in str(info.value)
+    with pytest.raises(ConfigError):
+        fastdiff.apply(tiny.build_denoiser("dit"), str(path))
+
+
+@pytest.mark.parametrize("name", ["passwd", "config.json", "cfg.yaml.txt", "notes.md"])
+def test_only_yaml_files_are_read(tmp_path, monkeypatch, name):
+    path = _write(tmp_path, name, f"root:x:0:0:{SECRET}:/root:/bin/bash\n")
+    reads = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or b"")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or "")
+    with pytest.raises(ConfigError, match=r"must be a \.yaml or \.yml file") as info:
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"must be a \.yaml or \.yml file"):
+        FastDiffConfig.from_yaml(str(path))
+    assert reads == [] and SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("text", [f"{SECRET}: [\n", f"cache:\n\t{SECRET}: 1\n", f"a: b\n{SECRET}\n", f"x: '{SECRET}\n",
+                                  f"x: !!python/object:os.system {SECRET}\n"])
+def test_yaml_errors_say_where_not_what(tmp_path, text):
+    path = _write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError, match=r"not a valid config file: YAML \w+") as info:
+        load_config(path)
+    assert SECRET not in str(info.value)
+
+
+def test_config_file_errors_quote_at_most_a_short_key_or_value(tmp_path):
+    long_key = "k" * 1000  # YAML's longest plain key
+    with pytest.raises(ConfigError, match="unknown key") as info:
+        load_config(_write(tmp_path, "keys.yaml", f"cache:\n  {long_key}: 1\n"))
+    assert len(str(info.value)) < 600
+    many = "".join(f"  {SECRET}{i}: 1\n" for i in range(50))
+    with pytest.raises(ConfigError, match="and 45 more") as info:
+        load_config(_write(tmp_path, "many.yaml", f"cache:\n{many}"))
+    assert f"{SECRET}49" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"cache.policy must be one of") as info:
+        load_config(_write(tmp_path, "value.yaml", f"cache:\n  policy: {'v' * 5000}\n"))
+    assert len(str(info.value)) < 300
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"cache: \xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 7\)"):
+        load_config(binary)
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * ((1 << 20) + 1))
+    with pytest.raises(ConfigError, match="too large for a config file"):
+        load_config(big)

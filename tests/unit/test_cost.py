@@ -149,6 +149,27 @@ def test_estimate_cfg_doubles_and_steps_scale():
     assert bigger.dense_flops > 3 * one.dense_flops
 
 
+def test_estimate_on_the_pixel_space_reference_model_prices_its_real_grid():
+    # ref-digits samples 16x16 pixels with a patch-2 DiT: 8x8 tokens. Assuming a VAE x8 priced a 1x1 grid (and
+    # merging at 1.00x); the estimate must equal the accounting of a real run (issue 17 item 16).
+    from fastdiff.eval import reference
+
+    pipe = reference.load("ref-digits")
+    steps = 2
+    est = fastdiff.estimate(pipe, height=16, width=16, steps=steps)
+    assert est.layout.grid == (1, 8, 8) and est.layout.image_tokens == 64
+    with torch.no_grad(), fastdiff.accelerated(pipe) as handle:
+        pipe([1, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+        summary = handle.summary()
+    assert summary.per_step[0].image_tokens == 64
+    assert est.dense_flops * 2 == summary.dense_flops  # two class labels: a batch of 2 (integer-valued sums)
+    assert fastdiff.estimate(pipe, height=16, width=16, steps=steps, batch=2).dense_flops == summary.dense_flops
+    assert fastdiff.estimate(pipe, "merge-tome", height=16, width=16, steps=steps).speedup > 1.1
+    with pytest.raises(fastdiff.ConfigError, match=r"height 15 makes no whole token grid: it must be a multiple of 2 "
+                                                   r"\(latent scale 1 of ClassDiTPipeline"):
+        fastdiff.estimate(pipe, height=15, width=16, steps=steps)
+
+
 # -- per-block accounting ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_block_flops_accounting(family):
