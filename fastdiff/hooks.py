@@ -3,52 +3,124 @@
 A wrapper is stored as an instance attribute (`module.forward`), never by changing the class, and
 `HookSet.remove()` restores each attribute exactly as it was (absent, or the previous wrapper of
 another library), newest first.
+
+accelerate's hooks (what diffusers' `enable_model_cpu_offload` / `enable_sequential_cpu_offload` install) keep
+the module's own forward in `module._old_forward` and call it from the `module.forward` they set. diffusers
+removes and re-adds them at the end of every pipeline call (`maybe_free_model_hooks`), which sets
+`forward = _old_forward` and wraps again. So fastdiff's wrapper always goes *under* an accelerate hook (into
+`_old_forward`): it survives that cycle, accelerate keeps moving the weights on top of it, and `remove()` takes it
+out of whichever of the two attributes holds it then, leaving accelerate's hook working on the bare forward.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from .errors import FastDiffError
 
 Wrapper = Callable[[Callable, tuple, dict], Any]
 
+_UNDER = "_old_forward"  # where accelerate's add_hook_to_module keeps the forward it wraps
+
+
+def _accelerate_hooked(obj: Any, attr: str) -> bool:
+    """Whether `obj.<attr>` is accelerate's hook wrapper around `obj._old_forward`."""
+    if attr != "forward" or _UNDER not in obj.__dict__ or "_hf_hook" not in obj.__dict__:
+        return False
+    func = getattr(obj.__dict__.get(attr), "func", None)  # add_hook_to_module: partial(new_forward, module)
+    return getattr(func, "__module__", "").startswith("accelerate")
+
+
+@dataclass
+class _Entry:
+    obj: Any
+    attr: str  # the attribute callers use ("forward", "step", ...)
+    slot: str  # where the wrapper was stored: `attr`, or `_old_forward` under an accelerate hook
+    had: bool  # whether `slot` was in the instance dict before
+    inner: Callable  # what the wrapper calls (and what goes back on remove)
+    hooked: Callable
+
+    def where(self) -> str | None:
+        """The attribute holding the wrapper now (accelerate moves it between forward and _old_forward)."""
+        d = self.obj.__dict__
+        for slot in (self.attr, _UNDER) if self.attr == "forward" else (self.attr,):
+            if d.get(slot) is self.hooked:
+                return slot
+        return None
+
 
 class HookSet:
     def __init__(self) -> None:
-        self._entries: list[tuple[Any, str, bool, Any, Callable]] = []
+        self._entries: list[_Entry] = []
+        self._watch: tuple = ()  # see seal()
 
     def wrap(self, obj: Any, name: str, wrapper: Wrapper, attr: str = "forward") -> None:
         """Make `obj.<attr>(*a, **kw)` call `wrapper(inner, a, kw)`, where `inner` is what it called before."""
-        had = attr in obj.__dict__
-        previous = obj.__dict__.get(attr)
-        inner = getattr(obj, attr)
+        slot = _UNDER if _accelerate_hooked(obj, attr) else attr
+        had = slot in obj.__dict__
+        inner = obj.__dict__[slot] if slot != attr else getattr(obj, attr)
 
         @functools.wraps(inner)  # keeps the signature visible: pipelines inspect scheduler.step's parameters
         def hooked(*args, **kwargs):
             return wrapper(inner, args, kwargs)
 
         hooked.__fastdiff_hook__ = name
-        obj.__dict__[attr] = hooked
-        self._entries.append((obj, attr, had, previous, hooked))
+        obj.__dict__[slot] = hooked
+        self._entries.append(_Entry(obj, attr, slot, had, inner, hooked))
 
     def names(self) -> list[str]:
-        return [hooked.__fastdiff_hook__ for *_, hooked in self._entries]
+        return [e.hooked.__fastdiff_hook__ for e in self._entries]
 
     def remove(self) -> None:
         # Check first, so that a refusal leaves every hook in place: the outermost wrapper of each
-        # attribute must still be our newest one.
-        newest = {(id(obj), attr): (obj, hooked) for obj, attr, _, _, hooked in self._entries}
-        for (_, attr), (obj, hooked) in newest.items():
-            if obj.__dict__.get(attr) is not hooked:
+        # attribute (under accelerate's hook, if one sits on top) must still be our newest one.
+        newest = {(id(e.obj), e.attr): e for e in self._entries}
+        for e in newest.values():
+            if e.where() is None:
                 raise FastDiffError(
-                    f"{type(obj).__name__}.{attr} was wrapped again by someone else after fastdiff; "
-                    "remove that wrapper first, then fastdiff.remove()"
-                )
+                    f"{type(e.obj).__name__}.{e.attr} was wrapped again by someone else after fastdiff; "
+                    "remove that wrapper first, then fastdiff.remove()")
         while self._entries:
-            obj, attr, had, previous, _ = self._entries.pop()
-            if had:
-                obj.__dict__[attr] = previous
-            else:
-                del obj.__dict__[attr]
+            e = self._entries.pop()
+            slot = e.where()
+            if slot == e.slot and not e.had:
+                del e.obj.__dict__[slot]
+            else:  # where we put it, or where accelerate moved it: what we wrapped goes back there
+                e.obj.__dict__[slot] = e.inner
+        self._watch = ()
+
+    # -- the hooked modules must still be the model's ------------------------------------------------
+    def seal(self, *roots: torch.nn.Module) -> None:
+        """Remember where under `roots` each hooked module sits (call once all hooks are on), for check_intact."""
+        hooked = {id(e.obj) for e in self._entries if isinstance(e.obj, torch.nn.Module)}
+        links: dict[tuple[int, str], tuple] = {}  # every (parent, child name) edge from a root to a hooked module
+        for root in roots:
+            for path, module in root.named_modules():
+                if not path or id(module) not in hooked:
+                    continue
+                parent, parts = root, path.split(".")
+                for i, part in enumerate(parts):
+                    child = parent._modules[part]
+                    links.setdefault((id(parent), part), (parent._modules, part, child,
+                                                          f"{type(root).__name__}.{'.'.join(parts[: i + 1])}"))
+                    parent = child
+        self._watch = tuple(zip(*links.values())) if links else ()
+
+    def check_intact(self) -> None:
+        """Raise if a module hooked under the sealed roots was replaced (e.g. `blocks[1] = other`) since seal():
+        its hooks are on the old object, so the call would compute the wrong thing. One C-level pass per call."""
+        if not self._watch:
+            return
+        dicts, names, children, paths = self._watch
+        if all(map(operator.is_, map(dict.get, dicts, names), children)):
+            return
+        where = next(p for d, n, c, p in zip(*self._watch) if d.get(n) is not c)
+        raise FastDiffError(
+            f"{where} was replaced after fastdiff.apply (fastdiff's hooks are on the module that was there), so "
+            "this call would not compute what the config says. Call fastdiff.remove(pipe), then apply again "
+            "after replacing modules")

@@ -139,7 +139,16 @@ class StepCache(Mechanism):
     def make_state(self) -> SlotState:
         return SlotState()
 
+    def detach(self) -> None:
+        # summary() after remove() reports what was held at the end; then nothing of the last call (its span
+        # inputs, its record) stays reachable from the handle.
+        self._final = self.report()
+        self._active = None
+        super().detach()
+
     def report(self) -> dict:
+        if getattr(self, "session", None) is None:  # detached
+            return getattr(self, "_final", {})
         held = sum(s.nbytes() for (name, _), s in self.session.state.slots.items() if name == self.name)
         return {"cache_bytes": held, "cache_peak_bytes": self.peak_bytes, "offload": self.config.offload}
 
@@ -162,7 +171,6 @@ class StepCache(Mechanism):
         """Per-call bookkeeping; (True, stand-in output) when this block is not to run."""
         rec = self.session.current_record
         if rec is None:  # called outside a denoiser call (e.g. by the user): nothing to decide
-            self._active = None
             return False, None
         ctx = rec.ctx
         st: SlotState = self.session.state.slot(self.name, ctx.call, self.make_state)
@@ -172,7 +180,6 @@ class StepCache(Mechanism):
             st.mode = self.span_mode(self.adapter, st.span)
             if ctx.run != self._run:
                 self._run, self.peak_bytes = ctx.run, 0
-        self._active = (st, ctx, rec)
         s, e = st.span
         i = block.index
         if not s <= i < e:
@@ -197,10 +204,12 @@ class StepCache(Mechanism):
 
     @torch.compiler.disable
     def _after(self, block, out) -> None:
-        active = getattr(self, "_active", None)
-        if active is None:
+        # the calling thread's own call and state (never an attribute of this shared mechanism)
+        rec = self.session.current_record
+        if rec is None:
             return
-        st, ctx, _ = active
+        ctx = rec.ctx
+        st: SlotState = self.session.state.slot(self.name, ctx.call, self.make_state)
         s, e = st.span
         i = block.index
         if not s <= i < e:
