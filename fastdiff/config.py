@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -525,13 +526,15 @@ class FastDiffConfig:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file "
                               f"(at most {MAX_CONFIG_BYTES})")
         try:
-            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+            data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_yaml_loader())
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not a valid config file: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:  # where, never what: the message must not quote the file
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not a valid config file: YAML {type(err).__name__}{where}") from None
+            what = "a key given twice" if getattr(err, "problem", None) == "a key is given twice" else \
+                f"YAML {type(err).__name__}"
+            raise ConfigError(f"{path}: not a valid config file: {what}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a fastdiff config must be a mapping, got {type(data).__name__}")
         _refuse_interpolation(data, str(path))
@@ -552,6 +555,34 @@ class FastDiffConfig:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    """yaml.SafeLoader (plain data, no tags) as configs were read before through OmegaConf: `1e-3` is a float
+    (YAML 1.1 alone reads it as a string), and a key given twice is an error instead of the last one winning."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(problem="a key is given twice",
+                                                            problem_mark=key_node.start_mark)
+                seen.add(key) if isinstance(key, typing.Hashable) else None
+            return super().construct_mapping(node, deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+         [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+    return Loader
 
 
 def _refuse_interpolation(data: Any, where: str, at: str = "") -> None:

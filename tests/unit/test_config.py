@@ -401,3 +401,12 @@ def test_config_file_errors_quote_at_most_a_short_key_or_value(tmp_path):
     big.write_text("#" * ((1 << 20) + 1))
     with pytest.raises(ConfigError, match="too large for a config file"):
         load_config(big)
+
+
+def test_yaml_numbers_read_as_before_and_duplicate_keys_are_refused(tmp_path):
+    # plain YAML 1.1 reads 1e-3 as a string; configs were read through OmegaConf, which reads it as a float
+    cfg = load_config(_write(tmp_path, "e.yaml", "cache:\n  policy: residual\n  head: 1\n  threshold: 5e-2\n"
+                                                 "  rescale: [2E+1, -1e0, .5]\n"))
+    assert cfg.cache.threshold == 0.05 and cfg.cache.rescale == [20.0, -1.0, 0.5]
+    with pytest.raises(ConfigError, match=r"a key given twice at line 3"):
+        load_config(_write(tmp_path, "twice.yaml", "cache:\n  interval: 2\n  interval: 3\n"))
