@@ -601,7 +601,7 @@ def _family_names() -> list[str]:
     """The names `families` may use: those of the registered adapters, and the auto fallback's."""
     from .adapters import supported
 
-    return sorted({*supported(), "auto"})  # "auto": the FamilySpec name adapters.base gives its fallback
+    return sorted({*supported(), "auto"})  # "auto": the FamilySpec name of the fallback (adapters/auto.py)
 
 
 def _check_type(section_cls: type, section: str, f: dataclasses.Field, value: Any) -> None:
