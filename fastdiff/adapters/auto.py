@@ -46,14 +46,16 @@ class _Chain:
 
     paths: tuple[str, ...]
     params: int
+    attends: bool
 
 
 def find_spec(denoiser: torch.nn.Module) -> tuple[FamilySpec | None, str]:
     """The auto FamilySpec of `denoiser`, or (None, what was looked for and not found)."""
-    params = inspect.signature(type(denoiser).forward).parameters
-    hidden_arg = next((a for a in DENOISER_INPUTS if a in params), None)
+    params = [p for p in inspect.signature(type(denoiser).forward).parameters if p != "self"]
+    # the latent input: by its usual names, else the first argument (UVit2DModel's `input_ids`)
+    hidden_arg = next((a for a in DENOISER_INPUTS if a in params), params[0] if params else None)
     if hidden_arg is None:
-        return None, f"a latent input named one of {list(DENOISER_INPUTS)} in its forward"
+        return None, "an input in its forward"
     unet = _unet_lists(denoiser)
     if unet is not None:
         lists = tuple(BlockList(path, kind, IOPattern(encoder_arg=None, hidden_arg=_block_hidden_arg(module)),
@@ -64,7 +66,9 @@ def find_spec(denoiser: torch.nn.Module) -> tuple[FamilySpec | None, str]:
     if not chains:
         return None, ("`down_blocks`/`up_blocks` of callable blocks, or a ModuleList of two or more blocks of one "
                       "class (on the denoiser or one level below)")
-    best = max(chains, key=lambda c: c.params)
+    # the main chain: transformer blocks (they attend) before other repeated modules (embedders, projections),
+    # then the most parameters
+    best = max(chains, key=lambda c: (c.attends, c.params))
     lists = tuple(BlockList(path, "auto", _static_io(denoiser.get_submodule(path)[0])) for path in best.paths)
     return FamilySpec(name="auto", classes=(), block_lists=lists, layout=None, latent_grid=None,
                       hidden_arg=hidden_arg), ""
@@ -258,12 +262,13 @@ def _chains(denoiser: torch.nn.Module) -> list[_Chain]:
     previous = None
     for path, module in _repeated_lists(denoiser):
         n = sum(p.numel() for p in module.parameters())
+        attends = any("Attention" in type(m).__name__ or "Attn" in type(m).__name__ for m in module[0].modules())
         dual = _dual_stream(module[0])
         if chains and dual and previous:
             last = chains.pop()
-            chains.append(_Chain(last.paths + (path,), last.params + n))
+            chains.append(_Chain(last.paths + (path,), last.params + n, last.attends or attends))
         else:
-            chains.append(_Chain((path,), n))
+            chains.append(_Chain((path,), n, attends))
         previous = dual
     return chains
 
