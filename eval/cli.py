@@ -269,14 +269,14 @@ def table(rows, wl, repeats: int) -> str:
     lines = [f"{wl.describe}; median of {repeats} interleaved rounds after a warm-up; speedup [range of per-round "
              f"ratios]; UNRELIABLE: spread > {timing.SPREAD_LIMIT:.0%}, < {timing.MIN_REPEATS} rounds, or above the "
              "FLOPs bound",
-             f"{'config':<28} {'time s':>8} {'spread':>7} {'speedup [range]':>24} {'FLOPs x':>8} {'PSNR':>7} "
+             f"{'config':<28} {'time s':>8} {'spread':>7} {'speedup [range]':<35} {'FLOPs x':>8} {'PSNR':>7} "
              f"{'SSIM':>7} {'acc':>6}  note"]
     for r in rows:
         cell = f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
         cell += "" if r["reliable"] else " UNRELIABLE"
         acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
         note = r["timing_note"] + ("; resumed: timed in an earlier run" if r.get("resumed") else "")
-        lines.append(f"{r['name'][:28]:<28} {r['time_s']:>8.3f} {r['spread']:>6.1%} {cell:>24} "
+        lines.append(f"{r['name'][:28]:<28} {r['time_s']:>8.3f} {r['spread']:>6.1%} {cell:<35} "
                      f"{r['flops_speedup']:>7.2f}x {r['psnr']:>7.2f} {r['ssim']:>7.4f} {acc:>6}  {note}")
     return "\n".join(lines)
 

@@ -195,3 +195,20 @@ def test_the_table_flags_an_injected_time_above_the_flops_bound(tmp_path, monkey
     with open(tmp_path / "results.csv") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
     assert rows["cache-safe"]["reliable"] == "False" and "above the FLOPs bound" in rows["cache-safe"]["timing_note"]
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    """r19: torch < 2.6 defaults to weights_only=False (pyproject allows torch >= 2.4): a planted .pt would run code."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    calls = []
+    for folder in ("fastdiff", "eval", "kernels", "examples", "tests"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                    ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                             for k in node.keywords)
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
+    assert calls and all(ok for _, ok in calls), [c for c, ok in calls if not ok]
