@@ -55,6 +55,20 @@ def width(module: torch.nn.Module) -> int:
     return first.in_features if first is not None else 0
 
 
+def fused_qkv(module: torch.nn.Module) -> bool:
+    """The attention computes its queries, keys and values with one fused projection (diffusers'
+    `fuse_qkv_projections()`), so it cannot take keys/values from another input than its queries.
+
+    Read from what decides it in diffusers: a classic `Attention` takes the fused path when its processor is one of
+    the `Fused*` processors (`unfuse_qkv_projections()` puts the original back but leaves `fused_projections` set);
+    an `AttentionModuleMixin` module's processor reads the `fused_projections` flag, which unfusing clears.
+    """
+    processor = getattr(module, "processor", None)
+    if type(processor).__name__.startswith("Fused"):
+        return True
+    return bool(getattr(module, "fused_projections", False)) and hasattr(type(module), "_supports_qkv_fusion")
+
+
 class Args:
     """Read / replace forward arguments by name, however they were passed."""
 

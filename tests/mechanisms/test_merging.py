@@ -18,6 +18,7 @@ from fastdiff.adapters.base import RopeSpec
 from fastdiff.context import TokenLayout
 from fastdiff.cost.model import CostModel
 from fastdiff.mechanisms.merging import merge as merge_mod
+from fastdiff.mechanisms import sites
 from fastdiff.mechanisms.merging import todo, tome
 
 from ..adapters.test_families import _sample, _seeded, run
@@ -556,3 +557,69 @@ def test_share_block_matches_per_transformer_block_and_level_per_grid(monkeypatc
     assert counts["block"][1] > counts["level"][1]  # more matchings, more FLOPs accounted
     with pytest.raises(fastdiff.ConfigError, match="share"):
         fastdiff.load_config(merge={"share": "step"})
+
+
+# -- fused q/k/v projections (diffusers' fuse_qkv_projections) ---------------------------------------------
+def _denoiser_of(pipe):
+    return pipe.unet if "unet" in pipe.components else pipe.transformer
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd15"])
+def test_todo_refuses_fused_qkv_projections_before_and_after_apply(family, snapshot):
+    """ToDo hands self-attention pooled tokens as its key/value input, which a fused q/k/v projection cannot take
+    (it crashed mid-call on `to_kv`: issue 17, r09). Fused before apply: refused at apply, nothing touched. Fused
+    after apply: refused at the next call before any block runs; unfusing gives the ToDo output of before."""
+    pipe = tiny.build_pipeline(family)
+    denoiser = _denoiser_of(pipe)
+    base = run(pipe, family, steps=3)
+    with fastdiff.accelerated(pipe, preset="merge-todo"):
+        want = run(pipe, family, steps=3)
+    message = (rf"{type(denoiser).__name__}: merge method 'todo'.*fuse_qkv_projections\(\).*"
+               r"unfuse_qkv_projections\(\).*'tome' or sparse attention")
+    denoiser.fuse_qkv_projections()
+    fused_base = run(pipe, family, steps=3)
+    before = snapshot(denoiser, pipe.scheduler)
+    with pytest.raises(fastdiff.UnsupportedModelError, match=message):
+        fastdiff.apply(pipe, preset="merge-todo")
+    assert snapshot(denoiser, pipe.scheduler) == before and fastdiff.session_of(pipe) is None
+    assert torch.equal(run(pipe, family, steps=3), fused_base)
+    denoiser.unfuse_qkv_projections()
+
+    h = fastdiff.apply(pipe, preset="merge-todo")
+    denoiser.fuse_qkv_projections()
+    ran = []
+    first = denoiser.get_submodule(h.adapter.blocks[0].path).register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        with pytest.raises(fastdiff.FastDiffError, match=message):
+            run(pipe, family, steps=3)
+    finally:
+        first.remove()
+    assert not ran  # refused before the first block computed anything
+    denoiser.unfuse_qkv_projections()
+    assert torch.equal(run(pipe, family, steps=3), want)
+    h.remove()
+    assert torch.equal(run(pipe, family, steps=3), base)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd15", "flux"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_tome_works_with_fused_qkv_projections(family, when):
+    """ToMe merges the tokens a fused projection then projects: the unfused ToMe output, fused before or after
+    apply, and the merge still reported."""
+    pipe = tiny.build_pipeline(family)
+    denoiser = _denoiser_of(pipe)
+    with fastdiff.accelerated(pipe, preset="merge-tome"):
+        want = run(pipe, family, steps=3)
+    base = run(pipe, family, steps=3)
+    if when == "before":
+        denoiser.fuse_qkv_projections()
+    h = fastdiff.apply(pipe, preset="merge-tome")
+    if when == "after":
+        denoiser.fuse_qkv_projections()
+    got = run(pipe, family, steps=3)
+    s = h.summary()
+    h.remove()
+    assert all(sites.fused_qkv(site.module) for site in sites.find(h.adapter)
+               if site.spec.role == "self_attention")  # it did run fused
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, base) and s.mechanisms["merge"]["calls_merged"] == s.calls and s.flops < s.dense_flops

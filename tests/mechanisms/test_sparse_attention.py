@@ -303,3 +303,30 @@ def test_compiled_blocks_give_the_eager_sparse_output():
         h.remove()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert dens and all(d < 1 for d in dens.values())
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux", "sd15"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_fused_qkv_projections_run_sparse(family, when):
+    """Fused q/k/v projections (diffusers' fuse_qkv_projections) still call SDPA on the same q, k, v: the unfused
+    sparse output, fused before or after apply, with the same densities."""
+    from fastdiff.mechanisms import sites
+
+    pipe = tiny.build_pipeline(family)
+    denoiser = pipe.unet if "unet" in pipe.components else pipe.transformer
+    kw = _big(family)
+    cfg = {"sparse": _cfg("window")}
+    with fastdiff.accelerated(pipe, cfg) as h:
+        want = run(pipe, family, **kw)
+        want_dens = h.summary().mechanisms["sparse"]["density"]
+    if when == "before":
+        denoiser.fuse_qkv_projections()
+    h = fastdiff.apply(pipe, cfg)
+    if when == "after":
+        denoiser.fuse_qkv_projections()
+    got = run(pipe, family, **kw)
+    dens = h.summary().mechanisms["sparse"]["density"]
+    h.remove()
+    assert all(sites.fused_qkv(s.module) for s in SparseAttention(h.config.sparse).sites(h.adapter))  # ran fused
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert dens == want_dens and min(dens.values()) < 1

@@ -12,7 +12,8 @@ is copied:
   also gets log(size) of each merged key as an additive float `attention_mask` (ToMe's proportional attention),
   where its processor is known to add such a mask to the logits (`MASK_PROCESSORS`); refused elsewhere.
 - todo: self-attention gets the image tokens pooled factor×factor as its key/value input; every query stays,
-  nothing is unmerged.
+  nothing is unmerged. Fused q/k/v projections (`fuse_qkv_projections()`) cannot take a separate key input: they
+  are refused at apply, and, when fused after it, at the next denoiser call before any block runs.
 
 One matching per (denoiser call, step, transformer block) — with `share: level`, per token grid, i.e. per UNet
 level — is computed at the first merged submodule it covers, from the input of the transformer block holding it (a
@@ -121,6 +122,8 @@ class TokenMerge(Mechanism):
         chosen = self.sites(adapter)
         if chosen and c.proportional:
             self._validate_proportional(adapter, chosen)
+        if c.method == "todo" and (fused := [s for s in chosen if _sites.fused_qkv(s.module)]):
+            raise UnsupportedModelError(self._fused_message(adapter, fused))
         if chosen:
             return
         if c.method == "todo":
@@ -132,6 +135,16 @@ class TokenMerge(Mechanism):
         raise UnsupportedModelError(
             f"{model}: merge targets {c.targets} with depth '{c.depth}' select no submodule of the '{family}' family "
             f"(it has: {roles}). Pick targets among those.")
+
+    @staticmethod
+    def _fused_message(adapter, fused) -> str:
+        model = type(adapter.denoiser).__name__
+        processor = type(getattr(fused[0].module, "processor", None)).__name__
+        return (f"{model}: merge method 'todo' gives self-attention pooled keys/values apart from its queries, but "
+                f"{len(fused)} of its self-attention modules (e.g. {fused[0].path}, processor {processor}) project "
+                "queries, keys and values together (fuse_qkv_projections()). Call unfuse_qkv_projections() on the "
+                "pipeline or the denoiser first, or use merge method 'tome' or sparse attention, which work with "
+                "fused projections.")
 
     def _validate_proportional(self, adapter, chosen) -> None:
         model, family = type(adapter.denoiser).__name__, adapter.name
@@ -206,6 +219,19 @@ class TokenMerge(Mechanism):
         for site in chosen:
             hook = self._todo_hook(site) if self.config.method == "todo" else self._tome_hook(site)
             session.hooks.wrap(site.module, f"fastdiff.merge.{site.path}", hook)
+        if self.config.method == "todo":
+            session.hooks.wrap(adapter.denoiser, "fastdiff.merge.fused-qkv", self._fused_guard(chosen))
+
+    def _fused_guard(self, chosen):
+        """Projections fused after apply: refused when the denoiser is called, before any block runs (the model
+        is left as it is; unfusing makes the next call work)."""
+
+        def guard(inner, args, kwargs):
+            if fused := [s for s in chosen if _sites.fused_qkv(s.module)]:
+                raise FastDiffError(self._fused_message(self.adapter, fused))
+            return inner(*args, **kwargs)
+
+        return guard
 
     def make_state(self) -> CallState:
         return CallState()
