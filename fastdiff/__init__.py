@@ -20,7 +20,7 @@ from .cost.estimate import Estimate, check_run, dense_table, token_patch
 from .cost.model import CostModel
 from .cost.planner import Plan, calibrate, plan
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
-from .integrations.diffusers import find_parts, latent_dims
+from .integrations.diffusers import find_denoisers, find_parts, latent_dims
 from .mechanisms import registry as _mechanisms
 from .session import ATTR, Session
 
@@ -79,15 +79,19 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
     """
     cfg = load_config(config, preset=preset, **overrides)
     pipeline, denoiser, scheduler = find_parts(pipe_or_denoiser)
-    if ATTR in denoiser.__dict__:
-        raise FastDiffError(f"fastdiff is already applied to this {type(denoiser).__name__}; "
-                            "call fastdiff.remove(pipe) first")
-    adapter = adapters.resolve(denoiser)
-    cfg = cfg.for_family(adapter.name)
-    mechanisms = _mechanisms.build(cfg)
-    for mechanism in mechanisms:
-        mechanism.validate(adapter)
-    session = Session(denoiser, adapter, cfg, mechanisms, pipeline=pipeline, scheduler=scheduler)
+    denoisers = [("denoiser", denoiser)] if pipeline is None else find_denoisers(pipeline)
+    parts = []
+    for name, module in denoisers:
+        if module.__dict__.get(ATTR) is not None:
+            raise FastDiffError(f"fastdiff is already applied to this {type(module).__name__}; "
+                                "call fastdiff.remove(pipe) first")
+        adapter = adapters.resolve(module)
+        family_cfg = cfg.for_family(adapter.name)
+        mechanisms = _mechanisms.build(family_cfg)
+        for mechanism in mechanisms:
+            mechanism.validate(adapter)
+        parts.append((name, module, adapter, mechanisms))
+    session = Session(parts, cfg.for_family(parts[0][2].name), pipeline=pipeline, scheduler=scheduler)
     session.attach()
     return session
 

@@ -1,8 +1,18 @@
-"""Session: one application of fastdiff to one denoiser — the Handle users get back from apply()."""
+"""Session: one application of fastdiff to a pipeline's denoisers (or to one bare denoiser) — the handle
+users get back from apply().
+
+Per-call state is per *caller*: each thread (each contextvars context) that calls the model has its own `Run`
+(step clock, records, run state), so one accelerated denoiser shared by two pipelines in two threads gives
+each call exactly what it gives alone. The hooks, the mechanisms and their configs are shared and hold no
+per-call state.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import itertools
+import threading
 import weakref
 from typing import Any
 
@@ -13,110 +23,278 @@ from .clock import CallRecord, StepClock
 from .config import FastDiffConfig
 from .context import RunState
 from .cost.model import CostModel
+from .errors import FastDiffError
 from .hooks import HookSet
 from .mechanisms.base import Mechanism
 from .summary import Summary
 
 ATTR = "_fastdiff_session"  # the only attribute fastdiff sets on a model; removed by remove()
+_ids = itertools.count()
 
 
-class Session:
-    """Owns the hooks, the step clock, the run state and the telemetry of one applied config.
+class Run:
+    """What one caller (thread / context) is running through a session: its clock, the records of its
+    current sampling run, and per denoiser the run state its mechanisms keep."""
 
-    Returned by `fastdiff.apply`; `summary()` reports the last run, `remove()` restores the model.
-    """
-
-    def __init__(self, denoiser: torch.nn.Module, adapter: BlockAdapter, config: FastDiffConfig,
-                 mechanisms: list[Mechanism], pipeline: Any = None, scheduler: Any = None):
-        self.denoiser = denoiser
-        self.adapter = adapter
-        self.config = config
-        self.mechanisms = mechanisms
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self.scheduler = scheduler
-        self.hooks = HookSet()
+    def __init__(self, scheduler: Any):
         self.clock = StepClock(scheduler)
-        self.state = RunState()
-        self.records: list[CallRecord] = []  # calls of the current (last) run
-        self.current_record: CallRecord | None = None
+        self.records: list[CallRecord] = []
+        self.states: dict[str, RunState] = {}
+        self.current: dict[str, CallRecord | None] = {}  # denoiser name -> its call in progress
+
+    def state(self, part: str) -> RunState:
+        st = self.states.get(part)
+        if st is None:
+            st = self.states[part] = RunState()
+        return st
+
+    def drop_state(self) -> None:
+        for st in self.states.values():
+            st.reset()
+        self.states.clear()
+
+
+class Part:
+    """One denoiser of a session, as its mechanisms see it: where to install hooks, the call in progress
+    (of the calling thread), this denoiser's run state and records, its cost model."""
+
+    def __init__(self, session: "Session", name: str, denoiser: torch.nn.Module, adapter: BlockAdapter,
+                 mechanisms: list[Mechanism]):
+        self.session, self.name, self.denoiser, self.adapter, self.mechanisms = session, name, denoiser, adapter, \
+            mechanisms
+        self.modules = _block_ids(adapter)  # what was hooked: a block replaced since is refused at call time
         self._cost: CostModel | None = None
 
     @property
-    def pipeline(self) -> Any:
-        return self._pipeline() if self._pipeline is not None else None
+    def hooks(self) -> HookSet:
+        return self.session.hooks
+
+    @property
+    def config(self) -> FastDiffConfig:
+        return self.session.config
+
+    @property
+    def current_record(self) -> CallRecord | None:
+        run = self.session._local.get()
+        return None if run is None else run.current.get(self.name)
 
     @property
     def current(self):
-        """StepContext of the denoiser call in progress (None outside a call)."""
-        return self.current_record.ctx if self.current_record is not None else None
+        rec = self.current_record
+        return rec.ctx if rec is not None else None
 
-    # -- attach / detach ----------------------------------------------------------------------------
-    def attach(self) -> None:
-        attached = []
-        try:
-            for mechanism in self.mechanisms:  # innermost first
-                attached.append(mechanism)
-                mechanism.attach(self.adapter, self)
-            if self.scheduler is not None:
-                self.hooks.wrap(self.scheduler, "fastdiff.clock.set_timesteps", self._on_set_timesteps,
-                                attr="set_timesteps")
-                self.hooks.wrap(self.scheduler, "fastdiff.clock.step", self._on_scheduler_step, attr="step")
-            # The clock is the outermost wrapper of the denoiser: every mechanism sees an open StepContext.
-            self.hooks.wrap(self.denoiser, "fastdiff.clock", self._on_denoiser_call)
-            self.denoiser.__dict__[ATTR] = self
-        except BaseException:
-            self.hooks.remove()
-            for mechanism in attached:  # a mechanism may hold more than hooks (sparse attention routes SDPA)
-                mechanism.detach()
-            self.denoiser.__dict__.pop(ATTR, None)
-            raise
+    @property
+    def state(self) -> RunState:
+        return self.session._reporting_run().state(self.name)
 
-    def remove(self) -> None:
-        self.hooks.remove()
-        for mechanism in self.mechanisms:
-            mechanism.detach()
-        self.denoiser.__dict__.pop(ATTR, None)
-        self.state.reset()
+    @property
+    def records(self) -> list[CallRecord]:
+        return [r for r in self.session.records if r.part == self.name]
 
-    def reset(self) -> None:
-        """Forget all per-run state now; the next call starts a new run."""
-        self.state.reset()
-        self.clock.reset()
-
-    # -- hooks --------------------------------------------------------------------------------------
-    def _on_set_timesteps(self, inner, args, kwargs):
-        out = inner(*args, **kwargs)
-        self.clock.on_set_timesteps()
-        return out
-
-    def _on_scheduler_step(self, inner, args, kwargs):
-        out = inner(*args, **kwargs)
-        self.clock.on_scheduler_step()
-        return out
-
-    def _on_denoiser_call(self, inner, args, kwargs):
-        bound = self.adapter.bind(args, kwargs)
-        hidden = self.adapter.hidden_input(bound)
-        ctx, new_run = self.clock.tick(bound.get("timestep"), tuple(hidden.shape), self.adapter.layout(bound))
-        ctx = dataclasses.replace(ctx, branches=self.adapter.branches(bound, self.pipeline, ctx.call))
-        if new_run:
-            self.state.reset()
-            self.records = []
-        record = CallRecord(ctx)
-        self.records.append(record)
-        self.current_record = record
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            self.current_record = None
-
-    # -- reporting ----------------------------------------------------------------------------------
     @property
     def cost_model(self) -> CostModel:
         if self._cost is None:
             self._cost = CostModel(self.adapter)
         return self._cost
 
+
+class Session:
+    """Owns the hooks, the step clock(s), the run state and the telemetry of one applied config.
+
+    Returned by `fastdiff.apply`; `summary()` reports the last run, `remove()` restores the model.
+    """
+
+    def __init__(self, denoisers: list[tuple[str, torch.nn.Module, BlockAdapter, list[Mechanism]]],
+                 config: FastDiffConfig, pipeline: Any = None, scheduler: Any = None):
+        self.config = config
+        self.parts = [Part(self, *d) for d in denoisers]
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self.scheduler = scheduler
+        self.hooks = HookSet()
+        self._scheduler_hooks = HookSet()
+        self._lock = threading.Lock()
+        self._local: contextvars.ContextVar[Run | None] = contextvars.ContextVar(f"fastdiff_run_{next(_ids)}",
+                                                                                 default=None)
+        self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # every caller's Run, to drop state on remove()
+        self._last: Run | None = None  # the Run that made the latest call, whichever thread it was
+        self.removed = False
+
+    # -- the primary denoiser (the only one for most pipelines) ----------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.parts[0].denoiser
+
+    @property
+    def adapter(self) -> BlockAdapter:
+        return self.parts[0].adapter
+
+    @property
+    def mechanisms(self) -> list[Mechanism]:
+        return [m for p in self.parts for m in p.mechanisms]
+
+    @property
+    def pipeline(self) -> Any:
+        return self._pipeline() if self._pipeline is not None else None
+
+    @property
+    def current_record(self) -> CallRecord | None:
+        """The primary denoiser's call in progress in this thread (None outside a call)."""
+        return self.parts[0].current_record
+
+    @property
+    def current(self):
+        """StepContext of the primary denoiser's call in progress in this thread (None outside a call)."""
+        return self.parts[0].current
+
+    @property
+    def records(self) -> list[CallRecord]:
+        """Calls of the latest run (of whichever thread called last)."""
+        return self._last.records if self._last is not None else []
+
+    @property
+    def state(self) -> RunState:
+        return self.parts[0].state
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.parts[0].cost_model
+
+    # -- attach / detach ----------------------------------------------------------------------------
+    def attach(self) -> None:
+        attached = []
+        try:
+            for part in self.parts:
+                for mechanism in part.mechanisms:  # innermost first
+                    attached.append(mechanism)
+                    mechanism.attach(part.adapter, part)
+                # The clock is the outermost wrapper of each denoiser: every mechanism sees an open call.
+                self.hooks.wrap(part.denoiser, "fastdiff.clock", self._caller(part))
+            if self.scheduler is not None:
+                self._listen(self.scheduler)
+            for part in self.parts:
+                part.denoiser.__dict__[ATTR] = self
+        except BaseException:
+            self.hooks.remove()
+            self._scheduler_hooks.remove()
+            for mechanism in attached:  # a mechanism may hold more than hooks (sparse attention routes SDPA)
+                mechanism.detach()
+            for part in self.parts:
+                if part.denoiser.__dict__.get(ATTR) is self:
+                    del part.denoiser.__dict__[ATTR]
+            raise
+
+    def _listen(self, scheduler: Any) -> None:
+        self._scheduler_hooks.wrap(scheduler, "fastdiff.clock.set_timesteps", self._on_set_timesteps,
+                                   attr="set_timesteps")
+        self._scheduler_hooks.wrap(scheduler, "fastdiff.clock.step", self._on_scheduler_step, attr="step")
+
+    def remove(self) -> None:
+        """Restore every model and scheduler this session hooked. A handle that was already removed (a stale
+        one, e.g. after remove + apply again) does nothing: it never touches a newer session."""
+        if self.removed:
+            return
+        self.hooks.remove()  # refuses (and changes nothing) when someone wrapped over fastdiff
+        self._scheduler_hooks.remove()
+        for mechanism in self.mechanisms:
+            mechanism.detach()
+        for part in self.parts:
+            if part.denoiser.__dict__.get(ATTR) is self:
+                del part.denoiser.__dict__[ATTR]
+        self.removed = True
+        for run in list(self._runs):  # cached activations of every caller go now; records stay for summary()
+            run.drop_state()
+
+    def reset(self) -> None:
+        """Forget all per-run state now, for every caller; each one's next call starts a new run."""
+        for run in list(self._runs):
+            run.drop_state()
+            run.clock.reset()
+
+    # -- per caller ---------------------------------------------------------------------------------
+    def _run_here(self) -> Run:
+        run = self._local.get()
+        if run is None:
+            run = Run(self.scheduler)
+            self._local.set(run)
+            with self._lock:
+                self._runs.add(run)
+        return run
+
+    def _reporting_run(self) -> Run:
+        """Inside a call: the caller's own run; outside one (summary, reports): the latest run."""
+        run = self._local.get()
+        if run is not None and any(r is not None for r in run.current.values()):
+            return run
+        return self._last if self._last is not None else self._run_here()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _on_set_timesteps(self, inner, args, kwargs):
+        out = inner(*args, **kwargs)
+        self._run_here().clock.on_set_timesteps()
+        return out
+
+    def _on_scheduler_step(self, inner, args, kwargs):
+        out = inner(*args, **kwargs)
+        self._run_here().clock.on_scheduler_step()
+        return out
+
+    def _caller(self, part: Part):
+        def call(inner, args, kwargs):
+            run, record = self._open(part, args, kwargs)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                run.current[part.name] = None
+
+        return call
+
+    @torch.compiler.disable  # host-side bookkeeping: a compiled denoiser keeps one graph around its blocks
+    def _open(self, part: Part, args: tuple, kwargs: dict) -> tuple[Run, CallRecord]:
+        if _block_ids(part.adapter) != part.modules:
+            raise FastDiffError(
+                f"{type(part.denoiser).__name__}: a block was replaced after fastdiff.apply (its hooks are on the "
+                "old module); call fastdiff.remove(pipe), then apply again")
+        run = self._run_here()
+        self._follow_scheduler(run)
+        adapter = part.adapter
+        bound = adapter.bind(args, kwargs)
+        hidden = adapter.hidden_input(bound)
+        ctx, new_run = run.clock.tick(bound.get("timestep"), tuple(hidden.shape), adapter.layout(bound))
+        ctx = dataclasses.replace(ctx, branches=adapter.branches(bound, self.pipeline, ctx.call))
+        if new_run:
+            run.drop_state()
+            run.records = []
+        record = CallRecord(ctx, part=part.name)
+        run.records.append(record)
+        run.current[part.name] = record
+        self._last = run
+        return run, record
+
+    def _follow_scheduler(self, run: Run) -> None:
+        """`pipe.scheduler = X.from_config(...)` after apply: listen to the pipeline's current scheduler."""
+        pipeline = self.pipeline
+        current = getattr(pipeline, "scheduler", None) if pipeline is not None else self.scheduler
+        if current is None or current is run.clock.scheduler:
+            return
+        with self._lock:
+            if current is not self.scheduler:
+                self._scheduler_hooks.remove()
+                self.scheduler = current
+                self._listen(current)
+        run.clock.begin_scheduler_run(current)
+
+    # -- copies -------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        raise FastDiffError(
+            "copy.deepcopy of a model accelerated by fastdiff is not supported (the copy would run the original's "
+            "hooks): call fastdiff.remove(pipe), copy, then fastdiff.apply to each copy")
+
+    def __reduce_ex__(self, protocol):
+        raise FastDiffError(
+            "a model accelerated by fastdiff cannot be pickled (its forwards are fastdiff wrappers): "
+            "call fastdiff.remove(pipe) first, then pickle")
+
+    # -- reporting ----------------------------------------------------------------------------------
     def summary(self) -> Summary:
         """What the last run did: per step and per block, with estimated FLOPs against dense."""
         return Summary.build(self)
@@ -126,3 +304,14 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<fastdiff.Session {self.adapter.name} {type(self.denoiser).__name__} config={self.strify()}>"
+
+
+def _block_ids(adapter: BlockAdapter) -> tuple[int, ...]:
+    """Identity of the modules now at the adapter's block paths (an empty slot is 0)."""
+    out = []
+    for block in adapter.blocks:
+        try:
+            out.append(id(adapter.denoiser.get_submodule(block.path)))
+        except AttributeError:
+            out.append(0)
+    return tuple(out)

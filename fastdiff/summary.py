@@ -51,17 +51,21 @@ class Summary:
     @classmethod
     def build(cls, session: "Session") -> "Summary":
         records = session.records
-        blocks = session.adapter.blocks
+        parts = {p.name: p for p in session.parts}
+        named = len(parts) > 1  # blocks of several denoisers: "transformer_2:blocks.3"
         tracked = session.config.telemetry is not None and session.config.telemetry.enabled
-        have_layout = session.adapter.spec.layout is not None
-        cost = session.cost_model if have_layout else None
+        have_cost = all(p.adapter.spec.layout is not None for p in parts.values())
         rows: dict[int, StepRow] = {}
-        per_block = {b.path: 0 for b in blocks}
+        per_block = {(f"{p.name}:" if named else "") + b.path: 0 for p in parts.values() for b in p.adapter.blocks}
         total = dense_total = 0.0
         for rec in records:
             ctx = rec.ctx
+            part = parts[rec.part]
+            blocks = part.adapter.blocks
+            prefix = f"{part.name}:" if named else ""
             dense = flops = None
-            if cost is not None:
+            if have_cost:
+                cost = part.cost_model
                 per = cost.block_flops(ctx.layout)
                 dense = (rec.dense_rows or ctx.batch_size) * sum(per)
                 if rec.reductions:  # submodules that ran on fewer tokens (merging) are priced as they ran
@@ -71,11 +75,11 @@ class Summary:
                 total += flops
                 dense_total += dense
             for i in rec.blocks:
-                per_block[blocks[i].path] += 1
+                per_block[prefix + blocks[i].path] += 1
             row = rows.get(ctx.step)
             if row is None:
                 row = rows[ctx.step] = StepRow(ctx.step, ctx.timestep, 0, [], None, None, 0 if tracked else None,
-                                               0, 0.0 if cost else None, 0.0 if cost else None)
+                                               0, 0.0 if have_cost else None, 0.0 if have_cost else None)
                 if ctx.layout is not None:
                     row.image_tokens, row.text_tokens = ctx.layout.image_tokens, ctx.layout.text_tokens
             row.calls += 1
@@ -84,7 +88,7 @@ class Summary:
             row.blocks_total += len(blocks)
             if tracked:
                 row.blocks_computed += len(rec.blocks)
-            if cost is not None:
+            if have_cost:
                 row.flops += flops
                 row.dense_flops += dense
         last = records[-1].ctx if records else None
@@ -98,8 +102,8 @@ class Summary:
             calls=len(records),
             per_step=[rows[k] for k in sorted(rows)],
             per_block=per_block if tracked else {},
-            flops=total if cost is not None and records else None,
-            dense_flops=dense_total if cost is not None and records else None,
+            flops=total if have_cost and records else None,
+            dense_flops=dense_total if have_cost and records else None,
             mechanisms={m.name: r for m in session.mechanisms if (r := m.report())},
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -9,12 +10,21 @@ import torch
 from ..errors import UnsupportedModelError
 
 DENOISER_ATTRS = ("transformer", "unet")
+# More denoisers a pipeline may call per step, e.g. Wan 2.2's low-noise expert `transformer_2`.
+_MORE_DENOISERS = re.compile(r"^(transformer|unet)_\d+$")
+
+
+def unwrap(module: Any) -> Any:
+    """The model inside a `torch.compile(model)` wrapper (hooks go on the real module; dynamo traces them)."""
+    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
 
 
 def find_parts(obj: Any) -> tuple[Any, torch.nn.Module, Any]:
     """(pipeline or None, denoiser, scheduler or None) of a diffusers pipeline or a bare denoiser."""
     if isinstance(obj, torch.nn.Module):
-        return None, obj, None
+        return None, unwrap(obj), None
     components = getattr(obj, "components", None)
     if not isinstance(components, dict):
         raise UnsupportedModelError(
@@ -27,7 +37,18 @@ def find_parts(obj: Any) -> tuple[Any, torch.nn.Module, Any]:
             f"{type(obj).__name__} has no denoiser fastdiff understands: looked for {list(DENOISER_ATTRS)}, "
             f"found components {sorted(k for k, v in components.items() if v is not None)}"
         )
-    return obj, denoiser, getattr(obj, "scheduler", None)
+    return obj, unwrap(denoiser), getattr(obj, "scheduler", None)
+
+
+def find_denoisers(pipeline: Any) -> list[tuple[str, torch.nn.Module]]:
+    """Every denoiser the pipeline may call in a step, primary first: (attribute name, module)."""
+    _, primary, _ = find_parts(pipeline)
+    name = next(a for a in DENOISER_ATTRS if unwrap(getattr(pipeline, a, None)) is primary)
+    out = [(name, primary)]
+    for attr, value in pipeline.components.items():
+        if _MORE_DENOISERS.match(attr) and isinstance(value, torch.nn.Module):
+            out.append((attr, unwrap(value)))
+    return out
 
 
 def latent_dims(pipeline: Any, height: int, width: int, num_frames: int | None,

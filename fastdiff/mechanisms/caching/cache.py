@@ -140,10 +140,9 @@ class StepCache(Mechanism):
         return SlotState()
 
     def detach(self) -> None:
-        # summary() after remove() reports what was held at the end; then nothing of the last call (its span
-        # inputs, its record) stays reachable from the handle.
+        # summary() after remove() reports what was held at the end of the last run; the state itself (span
+        # inputs, cached residuals) is per call in the run state, which remove() drops: none stays on the handle.
         self._final = self.report()
-        self._active = None
         super().detach()
 
     def report(self) -> dict:
