@@ -1,4 +1,4 @@
-"""Adapter resolution: by class, the auto fallback by block-list names, and a clear refusal otherwise."""
+"""Adapter resolution: by class, the auto fallback (repeated-block lists, I/O from a probe of the first call), and a clear refusal otherwise."""
 
 import pytest
 import torch
@@ -71,16 +71,21 @@ class AddT(torch.nn.Module):
 
 
 class Stack(torch.nn.Module):
-    """An unregistered denoiser whose blocks sit in a list named `layers`, one level down (`body.layers`)."""
+    """An unregistered denoiser whose blocks sit in a list named `layers` one level down (`body.layers`), or in
+    `transformer_blocks` (the one name the old auto adapter looked for besides UNet ones)."""
 
-    def __init__(self, block=AddT, n=3):
+    def __init__(self, block=AddT, n=3, nested=True):
         super().__init__()
-        self.body = torch.nn.Module()
-        self.body.layers = torch.nn.ModuleList(block() for _ in range(n))
+        blocks = torch.nn.ModuleList(block() for _ in range(n))
+        if nested:
+            self.body = torch.nn.Module()
+            self.body.layers = blocks
+        else:
+            self.transformer_blocks = blocks
         self.proj = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))  # bare torch layers: not blocks
 
     def forward(self, hidden_states, timestep=None):
-        for block in self.body.layers:
+        for block in self.body.layers if hasattr(self, "body") else self.transformer_blocks:
             block.t = float(timestep) / 1000
             hidden_states = block(hidden_states)
         return hidden_states
@@ -90,12 +95,14 @@ def _three_steps(model, xs):
     return [model(x, timestep=t) for x, t in zip(xs, (900.0, 800.0, 700.0))]
 
 
-def test_auto_reuses_input_plus_cached_change_not_the_stale_output():
+@pytest.mark.parametrize("nested", [True, False])
+def test_auto_reuses_input_plus_cached_change_not_the_stale_output(nested):
     """Static interval 2: step 2 is reused. Its output is its own input + the blocks' change at step 1
     (3 blocks x 0.8), where the old auto adapter replayed step 1's output (x1 + 2.4) for unregistered blocks."""
-    model = Stack()
+    model = Stack(nested=nested)
     adapter = adapters.resolve(model)
-    assert [b.path for b in adapter.blocks] == ["body.layers.0", "body.layers.1", "body.layers.2"]
+    where = "body.layers" if nested else "transformer_blocks"
+    assert [b.path for b in adapter.blocks] == [f"{where}.{i}" for i in range(3)]
     xs = [torch.full((1, 2, 2), v) for v in (1.0, 2.0, 5.0)]
     with fastdiff.accelerated(model, cache={"policy": "static", "interval": 2}) as handle:
         out = _three_steps(model, xs)
@@ -115,13 +122,13 @@ def test_auto_takes_a_tensor_from_a_block_the_diffusers_registry_indexes():
 
     TransformerBlockRegistry.register(RegisteredAddT, TransformerBlockMetadata(return_hidden_states_index=0))
     try:
-        model = Stack(RegisteredAddT)
+        model = Stack(RegisteredAddT, nested=False)
         xs = [torch.arange(8.0).reshape(2, 2, 2) * v for v in (1.0, 2.0, 5.0)]  # two different batch rows
         with fastdiff.accelerated(model, cache={"policy": "static", "interval": 2}) as handle:
             out = _three_steps(model, xs)
             assert handle.records[-1].decisions["cache"] == "reuse"
-        assert [b.io.hidden_index for b in handle.adapter.blocks] == [None] * 3  # settled by the probe
         assert torch.allclose(out[2], xs[2] + 3 * 0.8, atol=1e-5, rtol=0)
+        assert [b.io.hidden_index for b in handle.adapter.blocks] == [None] * 3  # settled by the probe
     finally:
         del TransformerBlockRegistry._registry[RegisteredAddT]
 
