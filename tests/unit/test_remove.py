@@ -164,6 +164,18 @@ def test_sparse_pipeline_collected_without_remove_restores_sdpa(clean_sdpa):
     assert F.scaled_dot_product_attention is dispatch._sdpa and not route.installed()
 
 
+def test_pipeline_collected_without_remove():
+    """An accelerated pipeline that ran and is dropped without remove() is freed with everything fastdiff hung
+    on it: no per-caller state (e.g. a context variable's value) keeps the session, its scheduler or the model."""
+    p = tiny.build_pipeline("pixart")
+    h = weakref.ref(fastdiff.apply(p, preset="cache-fast"))
+    _run(p, tiny.pipeline_kwargs("pixart", steps=2))
+    model = weakref.ref(p.transformer)
+    del p
+    gc.collect()
+    assert h() is None and model() is None
+
+
 # -- nothing of a run stays reachable through the handle --------------------------------------------------------
 def _tensors_held(root) -> list[torch.Tensor]:
     """Tensors reachable from `root`, not counting what models, pipelines and schedulers own (weights, sigmas)."""
