@@ -25,7 +25,10 @@ from .errors import ConfigError
 
 def _shown(value: Any, limit: int = 60) -> str:
     """repr of a user value for an error message, cut short: a message names a value, it never dumps input."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for Python to print (over 4300 digits)
+        return "<a number too long to show>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -529,6 +532,8 @@ class FastDiffConfig:
             data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_yaml_loader())
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not a valid config file: not UTF-8 text (byte {err.start})") from None
+        except ValueError:  # an int literal too long for Python to read (over 4300 digits)
+            raise ConfigError(f"{path}: not a valid config file: a number too long to read") from None
         except yaml.YAMLError as err:  # where, never what: the message must not quote the file
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -555,6 +560,7 @@ class FastDiffConfig:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_INT = 1 << 63
 
 
 @functools.lru_cache(maxsize=None)
@@ -607,7 +613,10 @@ def _family_names() -> list[str]:
 def _check_type(section_cls: type, section: str, f: dataclasses.Field, value: Any) -> None:
     """Reject values of the wrong type (YAML and keyword overrides arrive untyped), list items included."""
     hint = typing.get_type_hints(section_cls)[f.name]
-    _require(_conforms(hint, value), f"{section}.{f.name} must be {_describe(hint)}, got {_shown(value)}")
+    if not _conforms(hint, value):
+        huge = any(isinstance(v, int) and abs(v) > MAX_INT for v in (value if isinstance(value, list) else [value]))
+        bound = " (at most 2**63 in size)" if huge else ""
+        raise ConfigError(f"{section}.{f.name} must be {_describe(hint)}{bound}, got {_shown(value)}")
 
 
 def _conforms(hint: Any, value: Any) -> bool:
@@ -624,6 +633,8 @@ def _conforms(hint: Any, value: Any) -> bool:
         return isinstance(value, list) and all(_conforms(item, v) for v in value)
     if hint is bool or isinstance(value, bool):
         return hint is bool and isinstance(value, bool)
+    if isinstance(value, int) and abs(value) > MAX_INT:  # no setting needs more; huge ints cannot even be printed
+        return False
     if hint is float:
         return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
     return isinstance(value, origin or hint)

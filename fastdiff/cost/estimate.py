@@ -12,7 +12,7 @@ from ..errors import ConfigError, FastDiffError
 from .model import CostModel
 
 MAX_STEPS = 10_000  # the table holds a row per (step, call): a typo like steps=10**9 must not eat the memory
-MAX_SIZE = 1 << 16  # pixels (or latents) per axis, frames
+MAX_SIZE = 1 << 16  # pixels (or latents) per axis, frames, batch rows, text tokens
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -21,7 +21,7 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
         raise ConfigError(f"{name} must be an int, got {_shown(value)}")
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{name} must be {bounds}, got {int(value)}")
+        raise ConfigError(f"{name} must be {bounds}, got {_shown(value)}")
     return int(value)
 
 
@@ -32,7 +32,7 @@ def check_run(*, height: Any, width: Any, steps: Any, num_frames: Any, batch: An
     check_int("steps", steps, 1, MAX_STEPS)
     if num_frames is not None:
         check_int("num_frames", num_frames, 1, MAX_SIZE)
-    check_int("batch", batch, 1)
+    check_int("batch", batch, 1, MAX_SIZE)
     if not isinstance(cfg, bool):
         raise ConfigError(f"cfg must be a bool (classifier-free guidance: two denoiser calls per step), got {_shown(cfg)}")
     if text_tokens is not None:

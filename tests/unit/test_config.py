@@ -397,6 +397,8 @@ def test_config_file_errors_quote_at_most_a_short_key_or_value(tmp_path):
     binary.write_bytes(b"cache: \xff\xfe\x00")
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 7\)"):
         load_config(binary)
+    with pytest.raises(ConfigError, match="a number too long to read"):  # Python refuses to parse it
+        load_config(_write(tmp_path, "digits.yaml", f"cache:\n  interval: 1{'0' * 5000}\n"))
     big = tmp_path / "big.yaml"
     big.write_text("#" * ((1 << 20) + 1))
     with pytest.raises(ConfigError, match="too large for a config file"):

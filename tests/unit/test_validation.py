@@ -37,6 +37,10 @@ BAD_CONFIGS = {
     "rescale bool": ({"cache": {**RESIDUAL, "rescale": [True]}}, r"cache\.rescale must be a list of finite"),
     "threshold nan": ({"cache": {**RESIDUAL, "threshold": math.nan}}, r"cache\.threshold must be a finite number"),
     "interval bool": ({"cache": {"interval": True}}, r"cache\.interval must be an int, got True"),
+    "interval huge": ({"cache": {"interval": 10**5000}}, r"cache\.interval must be an int \(at most 2\*\*63 in size\), "
+                                                        r"got <a number too long to show>"),
+    "dense_heads huge": ({"sparse": {**WINDOW, "dense_heads": [2**64]}}, r"at most 2\*\*63 in size"),
+    "threshold huge": ({"cache": {**RESIDUAL, "threshold": -(10**400)}}, r"cache\.threshold must be a finite number"),
     "merge ratio nan": ({"merge": {"ratio": math.nan}}, r"merge\.ratio must be a finite number"),
     "guidance start inf": ({"guidance": {"start": -math.inf}}, r"guidance\.start must be a finite number"),
     "targets not strings": ({"merge": {"targets": [1]}}, r"merge\.targets must be a list of strings"),
@@ -97,8 +101,10 @@ BAD_RUNS = {
     "steps huge": (dict(steps=10**9), r"steps must be in \[1, 10000\]"),
     "steps float": (dict(steps=4.0), r"steps must be an int, got 4\.0"),
     "steps bool": (dict(steps=True), r"steps must be an int, got True"),
-    "batch 0": (dict(batch=0), r"batch must be >= 1, got 0"),
+    "batch 0": (dict(batch=0), r"batch must be in \[1, 65536\], got 0"),
     "batch bool": (dict(batch=True), r"batch must be an int"),
+    "batch huge": (dict(batch=10**5000), r"batch must be in \[1, 65536\], got <a number too long to show>"),
+    "height huge": (dict(height=-(2**70)), r"height must be in \[1, 65536\], got -1180591620717411303424"),
     "height negative": (dict(height=-16), r"height must be in \[1, 65536\], got -16"),
     "height zero": (dict(height=0), r"height must be in"),
     "height nan": (dict(height=math.nan), r"height must be an int, got nan"),
@@ -178,7 +184,7 @@ BAD_PLANS = {
     "static without size": (dict(target=2.0), r"planned from the cost model.*missing \['height', 'width', 'steps'\]"),
     "static steps 0": (dict(target=2.0, height=16, width=16, steps=0), r"steps must be in"),
     "static height string": (dict(target=2.0, height="16", width=16, steps=4), r"height must be an int"),
-    "static batch 0": (dict(target=2.0, height=16, width=16, steps=4, batch=0), r"batch must be >= 1"),
+    "static batch 0": (dict(target=2.0, height=16, width=16, steps=4, batch=0), r"batch must be in"),
 }
 
 
