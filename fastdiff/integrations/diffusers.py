@@ -55,19 +55,29 @@ def latent_dims(pipeline: Any, height: int, width: int, num_frames: int | None,
                 patch: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, int, int]:
     """Latent (frames, height, width) the pipeline would denoise for an output of this size.
 
-    The scale is the pipeline's own: the `vae_scale_factor(_spatial)` / `vae_scale_factor_temporal` it declares, else
-    its VAE's downsampling (2 ** (levels - 1), as diffusers' pipelines compute it); a pipeline with no VAE samples in
-    pixel space (scale 1); for a bare denoiser (`pipeline` None: no VAE to know of) the sizes are latent sizes already.
+    The scale is the pipeline's own: the spatial / temporal factors it declares (under any of diffusers' names:
+    `vae_scale_factor(_spatial)`, `vae_spatial_compression_ratio` (LTX), ...), else its VAE's downsampling
+    (2 ** (levels - 1), as diffusers' pipelines compute it); a pipeline with no VAE samples in pixel space (scale 1).
+    A pipeline that declares no temporal factor makes images and takes no `num_frames`. For a bare denoiser
+    (`pipeline` None: no VAE to know of) the sizes are latent sizes already, `num_frames` the latent frames.
     The output must make whole latents and a whole grid of tokens of `patch` latents (frames, height, width each):
     ConfigError names the multiple needed.
     """
     from ..errors import ConfigError
 
+    def declared(names):
+        return next((v for v in (getattr(pipeline, n, None) for n in names) if v is not None), None)
+
     owner = "a bare denoiser (sizes are latent sizes)" if pipeline is None else type(pipeline).__name__
     spatial, temporal = 1, 1
     if pipeline is not None:
-        spatial = getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None)
-        temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or 1
+        spatial = declared(("vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor",
+                            "vae_scale_factor"))
+        temporal = declared(("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor"))
+        if temporal is None and num_frames is not None:
+            raise ConfigError(f"num_frames={num_frames}: {owner} declares no temporal latent scale "
+                              "(vae_scale_factor_temporal), so it makes images; give num_frames for video pipelines only")
+        temporal = 1 if temporal is None else temporal
         components = getattr(pipeline, "components", None) or {}
         vae = components.get("vae", getattr(pipeline, "vae", None))
         if spatial is None and vae is not None:  # e.g. DiTPipeline keeps no scale factor: read it off the VAE

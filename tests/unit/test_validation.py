@@ -143,6 +143,22 @@ def test_video_frames_must_make_whole_latent_frames():
         fastdiff.estimate(wan, height=60, width=64, num_frames=9, steps=2)
 
 
+def test_scales_are_read_under_every_diffusers_name_and_images_take_no_frames(pixart):
+    wan = tiny.build_pipeline("wan").transformer  # patch (1, 2, 2)
+
+    class LTXStyle:  # LTX / EasyAnimate name their factors vae_{spatial,temporal}_compression_ratio
+        vae_spatial_compression_ratio, vae_temporal_compression_ratio = 4, 2
+        transformer, scheduler = wan, None
+
+        @property
+        def components(self):
+            return {"transformer": self.transformer}
+
+    assert fastdiff.estimate(LTXStyle(), height=32, width=16, num_frames=5, steps=2).layout.grid == (3, 4, 2)
+    with pytest.raises(ConfigError, match=r"num_frames=5: PixArtAlphaPipeline declares no temporal latent scale"):
+        fastdiff.estimate(pixart, num_frames=5, **SIZE)
+
+
 def test_bare_denoiser_sizes_are_latent_sizes(pixart):
     # the pipeline turns 16 pixels into 8 latents (vae x2); its bare transformer is given the latent size itself
     assert fastdiff.estimate(pixart, **SIZE).layout.grid == (1, 4, 4)
