@@ -86,11 +86,23 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
             raise FastDiffError(f"fastdiff is already applied to this {type(module).__name__}; "
                                 "call fastdiff.remove(pipe) first")
         adapter = adapters.resolve(module)
+        if adapter.spec.control:
+            if not parts:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} is a control network, not a denoiser: apply fastdiff to the pipeline "
+                    "that calls it (its calls are then accounted in summaries)")
+            parts.append((name, module, adapter, []))  # accounted, never accelerated
+            continue
         family_cfg = cfg.for_family(adapter.name)
         mechanisms = _mechanisms.build(family_cfg)
         for mechanism in mechanisms:
             mechanism.validate(adapter)
         parts.append((name, module, adapter, mechanisms))
+    if pipeline is not None and cfg.guidance is not None and type(pipeline).__name__ not in parts[0][2].spec.pipelines:
+        raise UnsupportedModelError(
+            f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "
+            f"CFG branches (the '{parts[0][2].name}' adapter knows {sorted(parts[0][2].spec.pipelines)}); "
+            "drop the guidance section or add the pipeline's CfgLayout to the adapter")
     session = Session(parts, cfg.for_family(parts[0][2].name), pipeline=pipeline, scheduler=scheduler)
     session.attach()
     return session

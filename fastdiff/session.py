@@ -21,7 +21,7 @@ import torch
 from .adapters.base import BlockAdapter
 from .clock import CallRecord, StepClock
 from .config import FastDiffConfig
-from .context import RunState
+from .context import UNKNOWN, RunState, StepContext
 from .cost.model import CostModel
 from .errors import FastDiffError
 from .hooks import HookSet
@@ -41,6 +41,7 @@ class Run:
         self.records: list[CallRecord] = []
         self.states: dict[str, RunState] = {}
         self.current: dict[str, CallRecord | None] = {}  # denoiser name -> its call in progress
+        self.pending: list[CallRecord] = []  # control-network calls waiting for the step's denoiser call
 
     def state(self, part: str) -> RunState:
         st = self.states.get(part)
@@ -62,6 +63,7 @@ class Part:
                  mechanisms: list[Mechanism]):
         self.session, self.name, self.denoiser, self.adapter, self.mechanisms = session, name, denoiser, adapter, \
             mechanisms
+        self.control = adapter.spec.control  # a ControlNet: its calls are accounted, never accelerated
         self.modules = _block_ids(adapter)  # what was hooked: a block replaced since is refused at call time
         self._cost: CostModel | None = None
 
@@ -127,6 +129,11 @@ class Session:
     @property
     def adapter(self) -> BlockAdapter:
         return self.parts[0].adapter
+
+    @property
+    def accounted_fully(self) -> bool:
+        """Every network the pipeline calls per step has a cost model (else summaries show no FLOPs)."""
+        return all(p.adapter.spec.layout is not None for p in self.parts)
 
     @property
     def mechanisms(self) -> list[Mechanism]:
@@ -239,6 +246,13 @@ class Session:
         return out
 
     def _caller(self, part: Part):
+        if part.control:
+            def control(inner, args, kwargs):
+                self._note_control(part, args, kwargs)
+                return inner(*args, **kwargs)
+
+            return control
+
         def call(inner, args, kwargs):
             run, record = self._open(part, args, kwargs)
             try:
@@ -264,11 +278,23 @@ class Session:
         if new_run:
             run.drop_state()
             run.records = []
+        for rec in run.pending:  # the step's ControlNet calls came just before this one
+            rec.ctx = dataclasses.replace(ctx, call=-1, layout=rec.ctx.layout, branches=rec.ctx.branches)
+        run.records += run.pending
+        run.pending = []
         record = CallRecord(ctx, part=part.name)
         run.records.append(record)
         run.current[part.name] = record
         self._last = run
         return run, record
+
+    @torch.compiler.disable
+    def _note_control(self, part: Part, args: tuple, kwargs: dict) -> None:
+        bound = part.adapter.bind(args, kwargs)
+        rows = part.adapter.hidden_input(bound).shape[0]
+        ctx = StepContext(-1, -1, None, float("nan"), -1, (UNKNOWN,) * rows, part.adapter.layout(bound))
+        run = self._run_here()
+        run.pending = run.pending[-(len(self.parts) * 4):] + [CallRecord(ctx, part=part.name)]  # bounded
 
     def _follow_scheduler(self, run: Run) -> None:
         """`pipe.scheduler = X.from_config(...)` after apply: listen to the pipeline's current scheduler."""

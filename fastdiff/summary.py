@@ -54,9 +54,10 @@ class Summary:
         parts = {p.name: p for p in session.parts}
         named = len(parts) > 1  # blocks of several denoisers: "transformer_2:blocks.3"
         tracked = session.config.telemetry is not None and session.config.telemetry.enabled
-        have_cost = all(p.adapter.spec.layout is not None for p in parts.values())
+        have_cost = session.accounted_fully
         rows: dict[int, StepRow] = {}
-        per_block = {(f"{p.name}:" if named else "") + b.path: 0 for p in parts.values() for b in p.adapter.blocks}
+        per_block = {(f"{p.name}:" if named else "") + b.path: 0
+                     for p in parts.values() if not p.control for b in p.adapter.blocks}
         total = dense_total = 0.0
         for rec in records:
             ctx = rec.ctx
@@ -70,7 +71,7 @@ class Summary:
                 dense = (rec.dense_rows or ctx.batch_size) * sum(per)
                 if rec.reductions:  # submodules that ran on fewer tokens (merging) are priced as they ran
                     per = cost.block_flops(ctx.layout, rec.reductions)
-                ran = rec.blocks.keys() if tracked else range(len(blocks))
+                ran = rec.blocks.keys() if tracked and not part.control else range(len(blocks))
                 flops = ctx.batch_size * (per[-1] + sum(per[i] for i in ran))
                 total += flops
                 dense_total += dense
@@ -82,12 +83,13 @@ class Summary:
                                                0, 0.0 if have_cost else None, 0.0 if have_cost else None)
                 if ctx.layout is not None:
                     row.image_tokens, row.text_tokens = ctx.layout.image_tokens, ctx.layout.text_tokens
-            row.calls += 1
-            row.decisions.append(",".join(f"{k}={v}" for k, v in rec.decisions.items()))
-            row.branches.append("/".join(sorted(set(ctx.branches))))
-            row.blocks_total += len(blocks)
-            if tracked:
-                row.blocks_computed += len(rec.blocks)
+            if not part.control:  # a ControlNet's calls add FLOPs, not denoiser calls
+                row.calls += 1
+                row.decisions.append(",".join(f"{k}={v}" for k, v in rec.decisions.items()))
+                row.branches.append("/".join(sorted(set(ctx.branches))))
+                row.blocks_total += len(blocks)
+                if tracked:
+                    row.blocks_computed += len(rec.blocks)
             if have_cost:
                 row.flops += flops
                 row.dense_flops += dense
@@ -99,12 +101,13 @@ class Summary:
             run=last.run if last else -1,
             steps=len(rows),
             num_steps=last.num_steps if last else None,
-            calls=len(records),
+            calls=sum(not parts[r.part].control for r in records),
             per_step=[rows[k] for k in sorted(rows)],
             per_block=per_block if tracked else {},
             flops=total if have_cost and records else None,
             dense_flops=dense_total if have_cost and records else None,
-            mechanisms={m.name: r for m in session.mechanisms if (r := m.report())},
+            mechanisms={(f"{p.name}:" if named else "") + m.name: r
+                        for p in parts.values() for m in p.mechanisms if (r := m.report())},
         )
 
     def __str__(self) -> str:

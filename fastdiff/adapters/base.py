@@ -153,6 +153,8 @@ class FamilySpec:
         always_compute: blocks -> indices a step-cache must never skip (a UNet's shallow path).
         attention: where the token submodules (attention, MLP) sit inside the blocks, and how text, RoPE and
             masks reach them — what token merging needs; empty: merging is not supported for the family.
+        control: a control network (ControlNet) that a pipeline calls beside its denoiser: its calls are
+            accounted in summaries, never accelerated, and it is not a denoiser fastdiff applies to.
     """
 
     name: str
@@ -170,6 +172,7 @@ class FamilySpec:
     reruns: tuple[str, ...] = ()
     always_compute: Callable[[list], set[int]] | None = None
     attention: tuple[TokenSite, ...] = ()
+    control: bool = False
 
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:

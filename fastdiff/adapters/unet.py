@@ -50,6 +50,9 @@ SPEC = register(FamilySpec(
     pipelines={name: CfgLayout("batched", UNCOND) for name in (
         "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline",
         "ClassUNetPipeline")},  # the last: fastdiff's reference UNet pipeline (eval/reference), SD's CFG layout
     text_tokens=77,
     text_position="cross",

@@ -41,13 +41,21 @@ def find_parts(obj: Any) -> tuple[Any, torch.nn.Module, Any]:
 
 
 def find_denoisers(pipeline: Any) -> list[tuple[str, torch.nn.Module]]:
-    """Every denoiser the pipeline may call in a step, primary first: (attribute name, module)."""
+    """Every network the pipeline may call in a step, primary denoiser first: (attribute name, module) —
+    more denoisers (`transformer_2`), then control networks (`controlnet`; a MultiControlNetModel's nets)."""
     _, primary, _ = find_parts(pipeline)
     name = next(a for a in DENOISER_ATTRS if unwrap(getattr(pipeline, a, None)) is primary)
     out = [(name, primary)]
     for attr, value in pipeline.components.items():
         if _MORE_DENOISERS.match(attr) and isinstance(value, torch.nn.Module):
             out.append((attr, unwrap(value)))
+    for attr, value in pipeline.components.items():
+        if attr.startswith("controlnet") and isinstance(value, torch.nn.Module):
+            nets = getattr(value, "nets", None)  # MultiControlNetModel calls each of its nets
+            if isinstance(nets, torch.nn.ModuleList):
+                out += [(f"{attr}.nets.{i}", unwrap(n)) for i, n in enumerate(nets)]
+            else:
+                out.append((attr, unwrap(value)))
     return out
 
 

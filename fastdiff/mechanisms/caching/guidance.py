@@ -129,6 +129,8 @@ class GuidanceSkip(Mechanism):
                 return v[index.to(v.device)]
             if isinstance(v, dict):
                 return {k: cut(x) for k, x in v.items()}
+            if isinstance(v, (tuple, list)):  # e.g. a ControlNet's down-block residuals, one row per sample
+                return type(v)(cut(x) for x in v)
             return v
 
         call_args, call_kwargs = [], {}
