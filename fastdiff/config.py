@@ -546,9 +546,9 @@ class FastDiffConfig:
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        from omegaconf import OmegaConf
+        import yaml
 
-        text = OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)  # plain data, read back by from_yaml
         if path is not None:
             Path(path).write_text(text)
         return text

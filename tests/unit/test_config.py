@@ -412,3 +412,13 @@ def test_yaml_numbers_read_as_before_and_duplicate_keys_are_refused(tmp_path):
     assert cfg.cache.threshold == 0.05 and cfg.cache.rescale == [20.0, -1.0, 0.5]
     with pytest.raises(ConfigError, match=r"a key given twice at line 3"):
         load_config(_write(tmp_path, "twice.yaml", "cache:\n  interval: 2\n  interval: 3\n"))
+
+
+def test_every_preset_and_small_floats_round_trip_through_plain_yaml(tmp_path):
+    cases = [load_config(preset=name) for name in fastdiff.presets()]
+    cases.append(load_config(cache={"policy": "residual", "head": 1, "threshold": 1e-5, "rescale": [3e-7, -1e10, 2.5]},
+                             families={"unet": {"cache": {"threshold": 0.25}}}))
+    for i, cfg in enumerate(cases):
+        path = tmp_path / f"c{i}.yaml"
+        cfg.to_yaml(path)
+        assert FastDiffConfig.from_yaml(path) == cfg, path.read_text()
