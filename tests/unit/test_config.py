@@ -416,7 +416,7 @@ def test_yaml_numbers_read_as_before_and_duplicate_keys_are_refused(tmp_path):
 
 def test_every_preset_and_small_floats_round_trip_through_plain_yaml(tmp_path):
     cases = [load_config(preset=name) for name in fastdiff.presets()]
-    cases.append(load_config(cache={"policy": "residual", "head": 1, "threshold": 1e-5, "rescale": [3e-7, -1e10, 2.5]},
+    cases.append(load_config(cache={"policy": "residual", "head": 1, "threshold": 1e-5, "rescale": [3e-7, -1e-10, 2.5e10]},
                              families={"unet": {"cache": {"threshold": 0.25}}}))
     for i, cfg in enumerate(cases):
         path = tmp_path / f"c{i}.yaml"
