@@ -8,13 +8,15 @@ What it finds, at apply (nothing runs):
   or one level below them; no bare torch layers), in registration order. Lists join one chain where both sides
   are provably dual-stream (blocks take the text states and return them: diffusers' block registry or the
   block's `return` statements say so); elsewhere the denoiser may concatenate or reshape between two lists, so
-  each list is a chain of its own. The chain with the most parameters is the one the adapter serves; its
-  blocks' change is reused as a residual (output = input + cached change).
+  each list is a chain of its own. The chain the adapter serves is the one whose blocks attend (transformer
+  blocks, not repeated embedders or projections) with the most parameters; the other lists always run. Its
+  blocks' change is reused as a residual (output = input + cached change), never their stale output.
+  Which argument holds the hidden / text states: diffusers' block registry, else the block's signature.
 
 What it learns on the first real call: one extra forward of the denoiser with that call's own arguments (no grad,
-the blocks hooked with torch forward hooks that are removed right after) records, per block, which argument holds
-the hidden/text states, whether the block returns a tensor or a tuple and at which index each stream sits, the
-shapes, and the order the blocks ran in. Why the first call and not apply: a forward needs inputs, and a class
+the blocks hooked with torch forward hooks that are removed right after; only shapes are kept) records, per
+block, whether it returns a tensor or a tuple and at which index each stream sits, the shapes it took and gave,
+and the order the blocks ran in. That costs one denoiser forward once per apply. Why the first call and not apply: a forward needs inputs, and a class
 fastdiff has never seen cannot be given made-up ones (its latent layout, ids, masks, sizes are its own). The
 registry alone is not enough either: it names arguments but not whether a block returns a tensor (it says index
 0 for BasicTransformerBlock, which returns a tensor). A chain that the probe shows to be unsafe — blocks that ran
@@ -36,7 +38,7 @@ import torch
 from ..errors import UnsupportedModelError
 from .base import BlockAdapter, BlockList, FamilySpec, IOPattern
 
-UNET_LISTS = ("down_blocks", "mid_block", "up_blocks")
+_PROBE_LOCK = threading.RLock()  # reentrant: a probed forward may call another accelerated denoiser
 DENOISER_INPUTS = ("hidden_states", "sample", "x")
 
 
@@ -84,13 +86,12 @@ class AutoAdapter(BlockAdapter):
     def __init__(self, spec: FamilySpec, denoiser: torch.nn.Module):
         super().__init__(spec, denoiser)
         self._probed = False
-        self._lock = threading.Lock()
         # every repeated-block list of the denoiser: the probe checks that none of them runs inside the chain
         self._others = [m for path, m in _repeated_lists(denoiser) if path not in {b.path for b in spec.block_lists}]
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         if not self._probed:
-            with self._lock:
+            with _PROBE_LOCK:  # one probe at a time (two threads' first calls): probes are once per adapter
                 if not self._probed:
                     self._probe(args, kwargs)
                     self._probed = True
@@ -126,9 +127,14 @@ class AutoAdapter(BlockAdapter):
             rec = seen.get(block.index)
             if rec is None or "out" in rec:
                 return
-            if isinstance(out, (tuple, list)):  # tensors kept for their shapes (dropped right after the probe)
-                out = tuple(o if isinstance(o, torch.Tensor) or o is None else "other" for o in out)
-            rec["out"] = out if isinstance(out, (torch.Tensor, tuple)) else "other"
+            # only shapes are kept (a torch.Size for a tensor, a tuple of them for a tuple): no activations
+            if isinstance(out, torch.Tensor):
+                rec["out"] = out.shape
+            elif isinstance(out, (tuple, list)):
+                rec["out"] = tuple(o.shape if isinstance(o, torch.Tensor) else None if o is None else "other"
+                                   for o in out)
+            else:
+                rec["out"] = "other"
 
         try:
             for module in [b.module for b in self.blocks] + [m for lst in self._others for m in lst]:
@@ -140,12 +146,9 @@ class AutoAdapter(BlockAdapter):
             for h in handles:
                 h.remove()
         outputs = {i: rec.pop("out", None) for i, rec in seen.items()}
-        try:
-            self._check_order(order)
-            if any(b.reuse == "residual" for b in self.blocks):  # UNet blocks' outputs are replayed as they were
-                self._settle_io(seen, outputs)
-        finally:
-            outputs.clear()  # the probe's outputs are not held past it
+        self._check_order(order)
+        if any(b.reuse == "residual" for b in self.blocks):  # UNet blocks' outputs are replayed as they were
+            self._settle_io(seen, outputs)
 
     def _check_order(self, order: list) -> None:
         model = type(self.denoiser).__name__
@@ -174,10 +177,10 @@ class AutoAdapter(BlockAdapter):
             if hidden is None:
                 raise UnsupportedModelError(f"{where} got no tensor as '{block.io.hidden_arg}'; the auto adapter "
                                             f"cannot tell its hidden states. Register a FamilySpec for {model}.")
-            if isinstance(out, torch.Tensor):
-                if tuple(out.shape) != hidden:
+            if isinstance(out, torch.Size):
+                if tuple(out) != hidden:
                     raise UnsupportedModelError(
-                        f"{where} returns {tuple(out.shape)} from hidden states {hidden}: not a residual block, "
+                        f"{where} returns {tuple(out)} from hidden states {hidden}: not a residual block, "
                         f"so a cache cannot stand in for it. Register a FamilySpec for {model}.")
                 block.io = replace(block.io, hidden_index=None, encoder_index=None)
                 continue
@@ -191,7 +194,7 @@ class AutoAdapter(BlockAdapter):
             rest = [i for i in range(len(out)) if i != h]
             e = None
             if encoder is not None:
-                cand = [i for i in rest if isinstance(out[i], torch.Tensor) and tuple(out[i].shape) == encoder]
+                cand = [i for i in rest if isinstance(out[i], torch.Size) and tuple(out[i]) == encoder]
                 e = block.io.encoder_index if block.io.encoder_index in cand else cand[0] if len(cand) == 1 else None
             extra = [i for i in rest if i != e and out[i] is not None]
             if extra:
@@ -201,10 +204,10 @@ class AutoAdapter(BlockAdapter):
             block.io = replace(block.io, hidden_index=h, encoder_index=e)
         for a, b in zip(self.blocks, self.blocks[1:]):
             out_a = outputs[a.index]
-            ha = out_a if isinstance(out_a, torch.Tensor) else out_a[a.io.hidden_index]
-            if tuple(ha.shape) != seen[b.index]["hidden"]:
+            ha = tuple(out_a if isinstance(out_a, torch.Size) else out_a[a.io.hidden_index])
+            if ha != seen[b.index]["hidden"]:
                 raise UnsupportedModelError(
-                    f"{model}: {a.path} returns hidden states {tuple(ha.shape)} but {b.path} takes "
+                    f"{model}: {a.path} returns hidden states {ha} but {b.path} takes "
                     f"{seen[b.index]['hidden']}: the denoiser reshapes between them, so one cache span cannot cover "
                     f"both. Register a FamilySpec for {model}.")
 
@@ -328,7 +331,7 @@ def _return_names(cls: type) -> list[tuple[str, ...] | None]:
 def _pick(out: tuple, hidden: tuple, hint: int | None, returns: list, hidden_arg: str) -> int | None:
     """Index of the hidden states in a block's returned tuple: the one element shaped like them, the registry's
     index or the position of the hidden argument's name in the `return` tuple when more than one is."""
-    cand = [i for i, o in enumerate(out) if isinstance(o, torch.Tensor) and tuple(o.shape) == hidden]
+    cand = [i for i, o in enumerate(out) if isinstance(o, torch.Size) and tuple(o) == hidden]
     if len(cand) == 1:
         return cand[0]
     if hint in cand:
