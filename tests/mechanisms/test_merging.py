@@ -17,8 +17,8 @@ from fastdiff import adapters, tiny
 from fastdiff.adapters.base import RopeSpec
 from fastdiff.context import TokenLayout
 from fastdiff.cost.model import CostModel
-from fastdiff.mechanisms.merging import merge as merge_mod
 from fastdiff.mechanisms import sites
+from fastdiff.mechanisms.merging import merge as merge_mod
 from fastdiff.mechanisms.merging import todo, tome
 
 from ..adapters.test_families import _sample, _seeded, run
