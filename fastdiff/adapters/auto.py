@@ -97,6 +97,20 @@ class AutoAdapter(BlockAdapter):
                     self._probed = True
         return super().bind(args, kwargs)
 
+    def hidden_input(self, bound: dict) -> torch.Tensor:
+        """The latent input; a list of one latent per batch row (ZImageTransformer2DModel) reads as their stack
+        (hosts read only its shape and rows)."""
+        hidden = bound[self.spec.hidden_arg]
+        if isinstance(hidden, torch.Tensor):
+            return hidden
+        if isinstance(hidden, (list, tuple)) and hidden and all(isinstance(h, torch.Tensor) for h in hidden) \
+                and len({h.shape for h in hidden}) == 1:
+            return torch.stack(list(hidden))
+        raise UnsupportedModelError(
+            f"{type(self.denoiser).__name__}: its latent input '{self.spec.hidden_arg}' is a "
+            f"{type(hidden).__name__}, not a tensor or a list of equally shaped tensors; the auto adapter cannot "
+            "tell its batch rows. Register a FamilySpec for this class.")
+
     # -- the probe ----------------------------------------------------------------------------------
     def _probe(self, args: tuple, kwargs: dict) -> None:
         seen: dict[int, dict] = {}

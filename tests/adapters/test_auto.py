@@ -180,6 +180,13 @@ def uvit():
                              micro_conds=torch.tensor([[16.0, 16.0, 0.0, 0.0, 6.0]]) + t / 1000)
 
 
+def zimage():
+    # latents and captions come as lists, one tensor per batch row
+    m = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=3, n_refiner_layers=1, n_heads=2,
+                                           n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+    return m, lambda t: dict(x=[g(4, 1, 8, 8)], t=t / 1000, cap_feats=[text()[0]])
+
+
 def unet2d():
     m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3,
                               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -237,6 +244,7 @@ SERVED = {
     "StableAudioDiTModel": (stable_audio, ("transformer_blocks",)),
     "HunyuanDiT2DModel": (hunyuan_dit, ("blocks",)),
     "UVit2DModel": (uvit, ("transformer_layers",)),
+    "ZImageTransformer2DModel": (zimage, ("layers",)),
     "UNet2DModel": (unet2d, ("down_blocks", "mid_block", "up_blocks")),
     "UNet3DConditionModel": (unet3d, ("down_blocks", "mid_block", "up_blocks")),
 }
@@ -252,8 +260,10 @@ REFUSED = {
 def call(model, kwargs):
     with torch.no_grad():
         if "return_dict" in inspect.signature(type(model).forward).parameters:
-            return model(**kwargs, return_dict=False)[0]
-        return model(**kwargs)
+            out = model(**kwargs, return_dict=False)[0]
+        else:
+            out = model(**kwargs)
+    return torch.stack(out) if isinstance(out, list) else out
 
 
 def loop(model, inputs):
@@ -267,7 +277,7 @@ def loop(model, inputs):
         out = call(model, kwargs)
         outs.append(out)
         x = kwargs[first]
-        latent = x - 0.01 * out if out.shape == x.shape and x.is_floating_point() else x
+        latent = x - 0.01 * out if isinstance(x, torch.Tensor) and out.shape == x.shape and x.is_floating_point() else x
     return outs
 
 
