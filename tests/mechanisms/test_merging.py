@@ -601,19 +601,21 @@ def test_todo_refuses_fused_qkv_projections_before_and_after_apply(family, snaps
     assert torch.equal(run(pipe, family, steps=3), base)
 
 
-@pytest.mark.parametrize("family", ["pixart", "sd15", "flux"])
+@pytest.mark.parametrize("family,cfg", [("pixart", "merge-tome"), ("sd15", "merge-tome"), ("flux", "merge-tome"),
+                                        ("pixart", {"merge": {"ratio": 0.5, "proportional": True}})])
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_tome_works_with_fused_qkv_projections(family, when):
-    """ToMe merges the tokens a fused projection then projects: the unfused ToMe output, fused before or after
-    apply, and the merge still reported."""
+def test_tome_works_with_fused_qkv_projections(family, cfg, when):
+    """ToMe merges the tokens a fused projection then projects (and FusedAttnProcessor2_0 adds proportional
+    attention's bias as AttnProcessor2_0 does): the unfused ToMe output, fused before or after apply, the merge
+    still reported."""
     pipe = tiny.build_pipeline(family)
     denoiser = _denoiser_of(pipe)
-    with fastdiff.accelerated(pipe, preset="merge-tome"):
+    with fastdiff.accelerated(pipe, cfg):
         want = run(pipe, family, steps=3)
     base = run(pipe, family, steps=3)
     if when == "before":
         denoiser.fuse_qkv_projections()
-    h = fastdiff.apply(pipe, preset="merge-tome")
+    h = fastdiff.apply(pipe, cfg)
     if when == "after":
         denoiser.fuse_qkv_projections()
     got = run(pipe, family, steps=3)

@@ -65,7 +65,8 @@ class CallState:
 
 # Attention processors that pass a (B, 1, keys) float `attention_mask` through `Attention.prepare_attention_mask`
 # (repeated per head) and add it to the logits (SDPA's float `attn_mask` / `baddbmm`): proportional attention's way in.
-MASK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+# FusedAttnProcessor2_0 (fuse_qkv_projections) treats the mask exactly as AttnProcessor2_0 does.
+MASK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0")
 
 
 def proportional_ok(tm: TokenModule) -> bool:
