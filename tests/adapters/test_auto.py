@@ -187,6 +187,17 @@ def zimage():
     return m, lambda t: dict(x=[g(4, 1, 8, 8)], t=t / 1000, cap_feats=[text()[0]])
 
 
+def flux2():
+    # double-stream blocks, then [text; image] concatenated for the single-stream ones: two chains
+    m = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                          timestep_guidance_channels=8, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    ids = torch.cat([torch.zeros(16, 1), grid_ids(4, 4)], -1)[None]
+    return m, lambda t: dict(hidden_states=g(1, 16, 16), encoder_hidden_states=text(), timestep=t / 1000,
+                             img_ids=ids, txt_ids=torch.zeros(1, T, 4))
+
+
 def unet2d():
     m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3,
                               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -202,6 +213,17 @@ def unet3d():
                                        layers_per_block=1, norm_num_groups=4, cross_attention_dim=16,
                                        attention_head_dim=4)
     return m, lambda t: dict(sample=g(1, 4, 2, 8, 8), timestep=t, encoder_hidden_states=text())
+
+
+def svd():
+    m = diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, down_block_types=("CrossAttnDownBlockSpatioTemporal",
+                                                                       "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), block_out_channels=(32, 32),
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, layers_per_block=1,
+        cross_attention_dim=16, num_attention_heads=(2, 2), num_frames=2)
+    return m, lambda t: dict(sample=g(1, 2, 8, 8, 8), timestep=t, encoder_hidden_states=g(1, 1, 16, seed=1),
+                             added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]))
 
 
 def latte():
@@ -247,6 +269,8 @@ SERVED = {
     "ZImageTransformer2DModel": (zimage, ("layers",)),
     "UNet2DModel": (unet2d, ("down_blocks", "mid_block", "up_blocks")),
     "UNet3DConditionModel": (unet3d, ("down_blocks", "mid_block", "up_blocks")),
+    "UNetSpatioTemporalConditionModel": (svd, ("down_blocks", "mid_block", "up_blocks")),
+    "Flux2Transformer2DModel": (flux2, ("transformer_blocks",)),
 }
 # refused: (build, where, message)
 REFUSED = {
