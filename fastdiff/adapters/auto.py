@@ -16,8 +16,9 @@ What it finds, at apply (nothing runs):
 What it learns on the first real call: one extra forward of the denoiser with that call's own arguments (no grad,
 the blocks hooked with torch forward hooks that are removed right after; only shapes are kept) records, per
 block, whether it returns a tensor or a tuple and at which index each stream sits, the shapes it took and gave,
-and the order the blocks ran in. That costs one denoiser forward once per apply. Why the first call and not apply: a forward needs inputs, and a class
-fastdiff has never seen cannot be given made-up ones (its latent layout, ids, masks, sizes are its own). The
+and the order the blocks ran in. That costs one denoiser forward once per apply.
+Why the first call and not apply: a forward needs inputs, and a class fastdiff has never seen cannot be given
+made-up ones (its latent layout, ids, masks, sizes are its own). The
 registry alone is not enough either: it names arguments but not whether a block returns a tensor (it says index
 0 for BasicTransformerBlock, which returns a tensor). A chain that the probe shows to be unsafe — blocks that ran
 out of order, interleaved with other lists or not at all, outputs not shaped like their inputs, extra outputs a

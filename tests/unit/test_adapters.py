@@ -1,4 +1,5 @@
-"""Adapter resolution: by class, the auto fallback (repeated-block lists, I/O from a probe of the first call), and a clear refusal otherwise."""
+"""Adapter resolution: by class, the auto fallback (repeated-block lists, I/O from a probe of the first call),
+and a clear refusal otherwise."""
 
 import pytest
 import torch
