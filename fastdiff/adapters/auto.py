@@ -130,7 +130,10 @@ class AutoAdapter(BlockAdapter):
             inside[0] += 1
             order.append(block.index)
             if block.index not in seen:
-                bound = inspect.signature(type(module).forward).bind(module, *a, **kw).arguments
+                try:
+                    bound = inspect.signature(type(module).forward).bind(module, *a, **kw).arguments
+                except TypeError:  # a forward whose signature does not describe its call: no named inputs
+                    bound = {}
                 enc = bound.get(block.io.encoder_arg) if block.io.encoder_arg else None
                 seen[block.index] = {"hidden": _shape(bound.get(block.io.hidden_arg)), "encoder": _shape(enc)}
 
