@@ -98,7 +98,9 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
         for mechanism in mechanisms:
             mechanism.validate(adapter)
         parts.append((name, module, adapter, mechanisms))
-    if pipeline is not None and cfg.guidance is not None and type(pipeline).__name__ not in parts[0][2].spec.pipelines:
+    spec = parts[0][2].spec  # guidance needs each row's branch: from the pipeline's CFG layout, or the inputs
+    if pipeline is not None and cfg.guidance is not None and type(pipeline).__name__ not in spec.pipelines \
+            and spec.row_branches is None:
         raise UnsupportedModelError(
             f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "
             f"CFG branches (the '{parts[0][2].name}' adapter knows {sorted(parts[0][2].spec.pipelines)}); "

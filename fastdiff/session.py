@@ -1,17 +1,15 @@
 """Session: one application of fastdiff to a pipeline's denoisers (or to one bare denoiser) — the handle
 users get back from apply().
 
-Per-call state is per *caller*: each thread (each contextvars context) that calls the model has its own `Run`
-(step clock, records, run state), so one accelerated denoiser shared by two pipelines in two threads gives
-each call exactly what it gives alone. The hooks, the mechanisms and their configs are shared and hold no
-per-call state.
+Per-call state is per *caller*: each thread that calls the model has its own `Run` (step clock, records, run
+state), so one accelerated denoiser shared by two pipelines in two threads gives each call exactly what it gives
+alone. The hooks, the mechanisms and their configs are shared and hold no per-call state. (A `threading.local`,
+not a ContextVar: dynamo traces reads of the former, so a whole-denoiser `torch.compile` keeps its graph.)
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import itertools
 import threading
 import weakref
 from typing import Any
@@ -29,7 +27,6 @@ from .mechanisms.base import Mechanism
 from .summary import Summary
 
 ATTR = "_fastdiff_session"  # the only attribute fastdiff sets on a model; removed by remove()
-_ids = itertools.count()
 
 
 class Run:
@@ -64,7 +61,6 @@ class Part:
         self.session, self.name, self.denoiser, self.adapter, self.mechanisms = session, name, denoiser, adapter, \
             mechanisms
         self.control = adapter.spec.control  # a ControlNet: its calls are accounted, never accelerated
-        self.modules = _block_ids(adapter)  # what was hooked: a block replaced since is refused at call time
         self._cost: CostModel | None = None
 
     @property
@@ -77,7 +73,7 @@ class Part:
 
     @property
     def current_record(self) -> CallRecord | None:
-        run = self.session._local.get()
+        run = getattr(self.session._local, "run", None)
         return None if run is None else run.current.get(self.name)
 
     @property
@@ -115,8 +111,7 @@ class Session:
         self.hooks = HookSet()
         self._scheduler_hooks = HookSet()
         self._lock = threading.Lock()
-        self._local: contextvars.ContextVar[Run | None] = contextvars.ContextVar(f"fastdiff_run_{next(_ids)}",
-                                                                                 default=None)
+        self._local = threading.local()  # .run: the calling thread's Run
         self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # every caller's Run, to drop state on remove()
         self._last: Run | None = None  # the Run that made the latest call, whichever thread it was
         self.removed = False
@@ -178,6 +173,7 @@ class Session:
                 self.hooks.wrap(part.denoiser, "fastdiff.clock", self._caller(part))
             if self.scheduler is not None:
                 self._listen(self.scheduler)
+            self.hooks.seal(*(p.denoiser for p in self.parts))  # a module replaced later is refused at call time
             for part in self.parts:
                 part.denoiser.__dict__[ATTR] = self
         except BaseException:
@@ -219,17 +215,16 @@ class Session:
 
     # -- per caller ---------------------------------------------------------------------------------
     def _run_here(self) -> Run:
-        run = self._local.get()
+        run = getattr(self._local, "run", None)
         if run is None:
-            run = Run(self.scheduler)
-            self._local.set(run)
+            run = self._local.run = Run(self.scheduler)
             with self._lock:
                 self._runs.add(run)
         return run
 
     def _reporting_run(self) -> Run:
         """Inside a call: the caller's own run; outside one (summary, reports): the latest run."""
-        run = self._local.get()
+        run = getattr(self._local, "run", None)
         if run is not None and any(r is not None for r in run.current.values()):
             return run
         return self._last if self._last is not None else self._run_here()
@@ -264,10 +259,7 @@ class Session:
 
     @torch.compiler.disable  # host-side bookkeeping: a compiled denoiser keeps one graph around its blocks
     def _open(self, part: Part, args: tuple, kwargs: dict) -> tuple[Run, CallRecord]:
-        if _block_ids(part.adapter) != part.modules:
-            raise FastDiffError(
-                f"{type(part.denoiser).__name__}: a block was replaced after fastdiff.apply (its hooks are on the "
-                "old module); call fastdiff.remove(pipe), then apply again")
+        self.hooks.check_intact()
         run = self._run_here()
         self._follow_scheduler(run)
         adapter = part.adapter
@@ -331,13 +323,3 @@ class Session:
     def __repr__(self) -> str:
         return f"<fastdiff.Session {self.adapter.name} {type(self.denoiser).__name__} config={self.strify()}>"
 
-
-def _block_ids(adapter: BlockAdapter) -> tuple[int, ...]:
-    """Identity of the modules now at the adapter's block paths (an empty slot is 0)."""
-    out = []
-    for block in adapter.blocks:
-        try:
-            out.append(id(adapter.denoiser.get_submodule(block.path)))
-        except AttributeError:
-            out.append(0)
-    return tuple(out)

@@ -330,3 +330,11 @@ def test_fused_qkv_projections_run_sparse(family, when):
     assert all(sites.fused_qkv(s.module) for s in SparseAttention(h.config.sparse).sites(h.adapter))  # ran fused
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert dens == want_dens and min(dens.values()) < 1
+
+
+@pytest.mark.parametrize("section", [{"dense_heads": [5]}, {"dense_blocks": [99]}])
+def test_out_of_range_dense_heads_or_blocks_are_refused_at_apply(section):
+    p = tiny.build_pipeline("pixart")
+    with pytest.raises(fastdiff.ConfigError, match="dense_"):
+        fastdiff.apply(p, sparse={"pattern": "window", **section})
+    assert fastdiff.session_of(p) is None and "forward" not in p.transformer.__dict__

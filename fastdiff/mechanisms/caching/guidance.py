@@ -70,19 +70,34 @@ class GuidanceSkip(Mechanism):
 
     # -- the hook -----------------------------------------------------------------------------------
     def _wrapper(self, inner, args, kwargs):
+        # Deciding and bookkeeping run outside torch.compile (they read the step; traced, they would guard on it
+        # and recompile every step); only the denoiser call itself is traced.
+        kind, st, info = self._plan()
+        if kind == "replace":
+            return info
+        if kind == "rows":
+            call_args, call_kwargs = self._cut(args, kwargs, info[0], len(info[0]) + len(info[1]))
+            return self._fill(inner(*call_args, **call_kwargs), st, info)
+        out = inner(*args, **kwargs)
+        if kind != "pass":
+            self._observe(kind, st, info, out)
+        return out
+
+    @torch.compiler.disable
+    def _plan(self) -> tuple[str, Any, Any]:
+        """What this call does: "pass" (not a denoiser call), "cond" (store the conditional prediction),
+        "uncond" / "batched" (run and measure the delta), "replace" (skipped: the stand-in output) or
+        "rows" (run the conditional rows only)."""
         rec = self.session.current_record
         if rec is None:
-            return inner(*args, **kwargs)
+            return "pass", None, None
         ctx = rec.ctx
         branches = ctx.branches
         if UNKNOWN in branches:
             self._unknown()
-        if UNCOND not in branches:  # CFG off, or the conditional call of separate CFG
-            out = inner(*args, **kwargs)
-            st = self.session.state.slot(self.name, 0, self.make_state)
-            st.cond, st.cond_out, st.cond_step = _sample(out), out, ctx.step
-            return out
         st: GuidanceState = self.session.state.slot(self.name, 0, self.make_state)
+        if UNCOND not in branches:  # CFG off, or the conditional call of separate CFG
+            return "cond", st, ctx.step
         cond_rows = [i for i, b in enumerate(branches) if b == COND]
         uncond_rows = [i for i, b in enumerate(branches) if b == UNCOND]
         late = ctx.step >= self._first_step(ctx.num_steps)
@@ -92,26 +107,38 @@ class GuidanceSkip(Mechanism):
                 rec.decisions[self.name] = "skip-uncond"
                 rec.dense_rows = len(branches)
                 rec.ctx = dataclasses.replace(ctx, branches=())
-                return _with_sample(st.cond_out, st.cond - st.delta)
-            out = inner(*args, **kwargs)
-            if st.cond_step == ctx.step:
-                self._measure(st, st.cond, _sample(out), late)
-            return out
+                return "replace", st, _with_sample(st.cond_out, st.cond - st.delta)
+            return "uncond", st, (ctx.step, late)
         if skip and len(cond_rows) == len(uncond_rows) and st.delta.shape[0] == len(uncond_rows):
             rec.decisions[self.name] = "skip-uncond"
             rec.dense_rows = len(branches)
             rec.ctx = dataclasses.replace(ctx, branches=tuple(branches[i] for i in cond_rows))
-            out = self._call_rows(inner, args, kwargs, cond_rows, len(branches))
-            cond = _sample(out)
-            full = cond.new_empty((len(branches), *cond.shape[1:]))
-            full[cond_rows] = cond
-            full[uncond_rows] = cond - st.delta
-            return _with_sample(out, full)
-        out = inner(*args, **kwargs)
-        sample = _sample(out)
-        if len(cond_rows) == len(uncond_rows):
-            self._measure(st, sample[cond_rows], sample[uncond_rows], late)
-        return out
+            return "rows", st, (cond_rows, uncond_rows)
+        return "batched", st, (cond_rows, uncond_rows, late)
+
+    @torch.compiler.disable
+    def _observe(self, kind: str, st: GuidanceState, info, out) -> None:
+        if kind == "cond":
+            st.cond, st.cond_out, st.cond_step = _sample(out), out, info
+        elif kind == "uncond":
+            step, late = info
+            if st.cond_step == step:
+                self._measure(st, st.cond, _sample(out), late)
+        else:
+            cond_rows, uncond_rows, late = info
+            if len(cond_rows) == len(uncond_rows):
+                sample = _sample(out)
+                self._measure(st, sample[cond_rows], sample[uncond_rows], late)
+
+    @torch.compiler.disable
+    def _fill(self, out, st: GuidanceState, info):
+        """The full batch from the conditional rows: each skipped row is its pair's prediction minus the delta."""
+        cond_rows, uncond_rows = info
+        cond = _sample(out)
+        full = cond.new_empty((len(cond_rows) + len(uncond_rows), *cond.shape[1:]))
+        full[cond_rows] = cond
+        full[uncond_rows] = cond - st.delta
+        return _with_sample(out, full)
 
     def _measure(self, st: GuidanceState, cond: torch.Tensor, uncond: torch.Tensor, late: bool) -> None:
         st.delta = cond - uncond
@@ -119,8 +146,9 @@ class GuidanceSkip(Mechanism):
             cos = torch.nn.functional.cosine_similarity(cond.flatten(1).float(), uncond.flatten(1).float(), dim=1)
             st.converged = bool(cos.min() >= self.config.threshold)  # every row pair must have converged
 
-    def _call_rows(self, inner, args, kwargs, rows, batch):
-        """Run the denoiser on `rows` of the batch: every tensor input with `batch` leading rows is cut."""
+    @torch.compiler.disable
+    def _cut(self, args, kwargs, rows, batch):
+        """The call's arguments for `rows` of the batch: every tensor input with `batch` leading rows is cut."""
         bound = self.signature.bind_partial(self.adapter.denoiser, *args, **kwargs)
         index = torch.tensor(rows)
 
@@ -144,7 +172,7 @@ class GuidanceSkip(Mechanism):
                 call_args.append(cut(value))
             else:
                 call_kwargs[name] = cut(value)
-        return inner(*call_args, **call_kwargs)
+        return call_args, call_kwargs
 
     def _unknown(self):
         raise FastDiffError(

@@ -29,7 +29,7 @@ import torch
 from ...adapters.base import specs
 from ...attention import dispatch, route
 from ...cost.model import Reduction, level_grid
-from ...errors import FastDiffError, UnsupportedModelError
+from ...errors import ConfigError, FastDiffError, UnsupportedModelError
 from .. import sites as _sites
 from ..base import Mechanism
 from . import patterns as _patterns
@@ -69,6 +69,16 @@ class SparseAttention(Mechanism):
             raise UnsupportedModelError(
                 f"{model}: sparse attention needs the token grid and the self-attention modules of its blocks, which "
                 f"the '{family}' adapter does not describe. Supported families: {ok}")
+        n_blocks = len(adapter.blocks)
+        missing = sorted(b for b in set(self.config.dense_blocks) if b >= n_blocks)
+        if missing:  # a typo'd index would otherwise leave the block sparse without a word
+            raise ConfigError(f"{model}: sparse.dense_blocks {missing}: no such block (it has {n_blocks}, "
+                              f"indices 0..{n_blocks - 1})")
+        heads = [getattr(s.module, "heads", None) for s in self.sites(adapter)]
+        fewest = min((h for h in heads if isinstance(h, int)), default=None)
+        if self.config.dense_heads and fewest is not None and max(self.config.dense_heads) >= fewest:
+            raise ConfigError(f"{model}: sparse.dense_heads {self.config.dense_heads}: its sparse self-attention "
+                              f"modules have {fewest} heads (indices 0..{fewest - 1})")
         if not self.sites(adapter):
             raise UnsupportedModelError(
                 f"{model}: sparse.dense_blocks {self.config.dense_blocks} leaves no self-attention of the "
@@ -79,12 +89,12 @@ class SparseAttention(Mechanism):
         self.session, self.adapter = session, adapter
         for site in self.sites(adapter):
             session.hooks.wrap(site.module, f"fastdiff.sparse.{site.path}", self._hook(site))
-        route.install()  # last: nothing below can fail, so a failed attach never leaves SDPA routed
+        route.install(self)  # last: nothing below can fail, so a failed attach never leaves SDPA routed
         self._routed = True
 
     def detach(self) -> None:
         if self._routed:
-            route.uninstall()
+            route.uninstall(self)
             self._routed = False
         self._final = self.report()
         super().detach()
