@@ -14,6 +14,7 @@ out of whichever of the two attributes holds it then, leaving accelerate's hook 
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 from dataclasses import dataclass
@@ -34,6 +35,32 @@ def _accelerate_hooked(obj: Any, attr: str) -> bool:
         return False
     func = getattr(obj.__dict__.get(attr), "func", None)  # add_hook_to_module: partial(new_forward, module)
     return getattr(func, "__module__", "").startswith("accelerate")
+
+
+class _Hooked:
+    """The wrapper fastdiff stores on a hooked object: calls `wrapper(inner, args, kwargs)`.
+
+    A `copy.deepcopy` of the object gets (a copy of) what was there before fastdiff, bound to the copy: a copied
+    block or scheduler computes with its own weights and state, never through the original's hooks. (A copy of a
+    whole accelerated denoiser is refused by its Session.) Pickling one raises a clear error.
+    """
+
+    def __init__(self, name: str, wrapper: Wrapper, inner: Callable):
+        functools.update_wrapper(self, inner)  # keeps the signature visible: pipelines inspect scheduler.step
+        self.__fastdiff_hook__ = name
+        self._wrapper = wrapper
+        self.__wrapped__ = inner
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(self.__wrapped__, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.__wrapped__, memo)
+
+    def __reduce_ex__(self, protocol):
+        raise FastDiffError(
+            f"a model accelerated by fastdiff cannot be pickled ({self.__fastdiff_hook__} is a fastdiff wrapper): "
+            "call fastdiff.remove(pipe) first, then pickle")
 
 
 @dataclass
@@ -65,11 +92,7 @@ class HookSet:
         had = slot in obj.__dict__
         inner = obj.__dict__[slot] if slot != attr else getattr(obj, attr)
 
-        @functools.wraps(inner)  # keeps the signature visible: pipelines inspect scheduler.step's parameters
-        def hooked(*args, **kwargs):
-            return wrapper(inner, args, kwargs)
-
-        hooked.__fastdiff_hook__ = name
+        hooked = _Hooked(name, wrapper, inner)
         obj.__dict__[slot] = hooked
         self._entries.append(_Entry(obj, attr, slot, had, inner, hooked))
 
