@@ -130,3 +130,30 @@ def test_steps_counted_from_the_scheduler_not_an_ambiguous_timestep_match():
         for t in pipe.scheduler.timesteps[2:]:
             x = pipe.scheduler.step(pipe.transformer(x, timestep=t / 1000), t, x).prev_sample
         assert [r.ctx.num_steps for r in h.records] == [3, 3, 3]
+
+
+def test_auraflow_cache_is_not_a_silent_no_op():
+    """AuraFlow passes t / 1000 with a shift-1 schedule (first timestep 1000): the clock once matched 1.0 to the
+    schedule's last timestep, saw one step left, and computed every step as cool-down."""
+    torch.manual_seed(0)
+    m = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+        pos_embed_max_size=64).eval()
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    p = diffusers.AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=m,
+                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
+    p.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 8, 16, generator=g), prompt_attention_mask=torch.ones(1, 8),
+              negative_prompt_embeds=torch.randn(1, 8, 16, generator=g), height=16, width=16,
+              negative_prompt_attention_mask=torch.ones(1, 8), num_inference_steps=8, output_type="latent")
+    with torch.no_grad():
+        bare = p(**kw, generator=torch.Generator().manual_seed(1)).images
+        h = fastdiff.apply(p, preset="cache-fast")
+        acc = p(**kw, generator=torch.Generator().manual_seed(1)).images
+    assert [r.ctx.num_steps for r in h.records] == [8] * 8
+    assert "forecast" in [r.decisions["cache"] for r in h.records]
+    assert torch.isfinite(acc).all() and not torch.equal(acc, bare)
