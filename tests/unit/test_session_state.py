@@ -157,3 +157,17 @@ def test_auraflow_cache_is_not_a_silent_no_op():
     assert [r.ctx.num_steps for r in h.records] == [8] * 8
     assert "forecast" in [r.decisions["cache"] for r in h.records]
     assert torch.isfinite(acc).all() and not torch.equal(acc, bare)
+
+
+@pytest.mark.parametrize("preset", ["cache-safe", "cache-ultra", "merge-tome", "merge-todo"])
+def test_summary_after_the_with_block(preset):
+    p = tiny.build_pipeline("pixart")
+    kw = tiny.pipeline_kwargs("pixart", steps=6)
+    kw["height"] *= 4
+    kw["width"] *= 4
+    with fastdiff.accelerated(p, preset=preset) as h:
+        with torch.no_grad():
+            p(**kw)
+        inside = h.summary().to_dict()
+    after = h.summary().to_dict()
+    assert after == inside and after["estimated_speedup"] > 1.0
