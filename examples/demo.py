@@ -60,8 +60,8 @@ def main() -> None:
         print(f"{name:<14} {t.median:>8.3f} {t.spread:>6.1%} {cell:>26} {psnr:>8.2f} "
               f"{clf.accuracy(t.output, target):>9.1%} {bound:>7.2f}x" + ("" if speed.reliable else f"  * {speed.note}"))
     if unreliable:
-        print(f"* UNRELIABLE timing: a spread over {timing.SPREAD_LIMIT:.0%} or a speedup above the FLOPs bound means "
-              "the machine was busy; rerun with more --repeats on a quiet machine")
+        print(f"* UNRELIABLE timing: a spread over {timing.SPREAD_LIMIT:.0%} (a busy machine) or a speedup above the "
+              "FLOPs bound (noise, or time the FLOPs do not count); rerun with more --repeats on a quiet machine")
     from fastdiff.eval.cli import grid
 
     grid(torch.cat([timed[name].output[:10] for name in timed]), args.grid)
