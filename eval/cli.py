@@ -203,8 +203,8 @@ def main(argv=None) -> None:
     from accelerate.utils import gather_object
 
     # the output folder and every entry this run writes or reads: no links, checked before any work
+    todo = configs(args)  # a bad preset or config is refused before the folder is made
     out = OutDir(args.out)
-    todo = configs(args)
     out.check("results.csv", "results.json", "pareto.png", "baseline.pt",
               *(f"{name}{ext}" for name, _ in todo for ext in (".json", ".png")))
     kept = {name: _resume(out, name, cfg) for name, cfg in todo
