@@ -9,6 +9,16 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module: bit-identity between runs is a single-thread property, and the tiny models are
+    all overhead (with two threads on a busy 2-core machine a 10 ms run takes a second)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def module_snapshot(*objs) -> list:
     """Everything fastdiff could have left behind on modules/schedulers: instance attributes and torch hooks."""
     out = []

@@ -45,13 +45,7 @@ DENSE = {(m, p) for m in ("dit", "ref-digits", "ref-textures") for p in ("sparse
 DENSE |= {("sd3", "sparse-window")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: bit-identity between runs is a single-thread property, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _models: dict = {}

@@ -7,7 +7,7 @@ down and mid blocks; each down residual gets a 1x1 `controlnet_down_blocks.j` at
 
 import re
 
-from .base import BlockList, FamilySpec, IOPattern, register, tensor_layout
+from .base import FamilySpec, register, tensor_layout
 from .unet import SPEC as UNET
 from .unet import _grid
 from .unet import _level as _unet_level
@@ -35,10 +35,7 @@ def _level(path, net):
 SPEC = register(FamilySpec(
     name="controlnet",
     classes=("ControlNetModel",),
-    block_lists=(
-        BlockList("down_blocks", "down", IOPattern(hidden_index=0, encoder_arg=None), reuse="output"),
-        BlockList("mid_block", "mid", IOPattern(encoder_arg=None), reuse="output"),
-    ),
+    block_lists=UNET.block_lists[:2],  # the UNet's down and mid blocks
     hidden_arg="sample",
     layout=tensor_layout("BCHW", _grid, "cross", hidden_arg="sample"),
     latent_grid=_grid,

@@ -11,22 +11,13 @@ from fastdiff.eval import peer_backends as B
 from fastdiff.eval import peers as P
 
 # diffusers' FasterCache calls torch.meshgrid without indexing=: its warning, not ours
-pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.meshgrid"), pytest.mark.usefixtures("one_thread")]
 
 STEPS = 8
 DIFFUSERS_PEERS = [n for n in P.PEERS if n.startswith("diffusers-")]
 CACHE_DIT_PEERS = [n for n in P.PEERS if n.startswith("cache-dit-")]
 # flux: separate true-CFG calls; cogvideox: batched CFG; wan: SeaCache's only tiny family
 FAMILIES = ("flux", "cogvideox", "wan")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny models are all overhead: with two threads on a busy 2-core machine a 10 ms run takes a second
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

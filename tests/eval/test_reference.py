@@ -21,13 +21,7 @@ MODELS = {
 CLASSIFIER_MIN = {"ref-digits": 0.95, "ref-unet": 0.95, "ref-textures": 0.8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: bit-identity across loads is a single-thread property, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _pipes: dict = {}
