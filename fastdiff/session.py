@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import parallel
 from .adapters.base import BlockAdapter
 from .clock import CallRecord, StepClock
 from .config import FastDiffConfig
@@ -260,6 +261,7 @@ class Session:
     @torch.compiler.disable  # host-side bookkeeping: a compiled denoiser keeps one graph around its blocks
     def _open(self, part: Part, args: tuple, kwargs: dict) -> tuple[Run, CallRecord]:
         self.hooks.check_intact()
+        parallel.check_call(part.denoiser, part.mechanisms)  # enable_parallelism after apply: refuse per-token ones
         run = self._run_here()
         self._follow_scheduler(run)
         adapter = part.adapter

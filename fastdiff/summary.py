@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .parallel import sees_shards, shards_of
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -38,6 +40,13 @@ class Summary:
     flops: float | None = None
     dense_flops: float | None = None
     mechanisms: dict[str, dict] = field(default_factory=dict)  # mechanism name -> its report()
+    # Context parallelism (fastdiff.parallel): the ranks the tokens are sharded over. `flops` are the whole model's,
+    # on every rank alike (decisions agree); each rank computes its 1/ranks share of them (`flops_per_rank`).
+    ranks: int = 1
+
+    @property
+    def flops_per_rank(self) -> float | None:
+        return None if self.flops is None else self.flops / self.ranks
 
     @property
     def estimated_speedup(self) -> float | None:
@@ -46,7 +55,7 @@ class Summary:
         return self.dense_flops / self.flops
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "estimated_speedup": self.estimated_speedup}
+        return {**asdict(self), "estimated_speedup": self.estimated_speedup, "flops_per_rank": self.flops_per_rank}
 
     @classmethod
     def build(cls, session: "Session") -> "Summary":
@@ -54,7 +63,10 @@ class Summary:
         parts = {p.name: p for p in session.parts}
         named = len(parts) > 1  # blocks of several denoisers: "transformer_2:blocks.3"
         tracked = session.config.telemetry is not None and session.config.telemetry.enabled
-        have_cost = session.accounted_fully
+        # Applied before enable_parallelism, fastdiff's clock sits under diffusers' split of the inputs and saw one
+        # rank's shard, from which the whole model's FLOPs cannot be priced exactly (attention spans all tokens).
+        ranks = shards.degree if (shards := shards_of(session.denoiser)) is not None else 1
+        have_cost = session.accounted_fully and not (ranks > 1 and sees_shards(session.denoiser))
         rows: dict[int, StepRow] = {}
         per_block = {(f"{p.name}:" if named else "") + b.path: 0
                      for p in parts.values() if not p.control for b in p.adapter.blocks}
@@ -108,6 +120,7 @@ class Summary:
             dense_flops=dense_total if have_cost and records else None,
             mechanisms={(f"{p.name}:" if named else "") + m.name: r
                         for p in parts.values() for m in p.mechanisms if (r := m.report())},
+            ranks=ranks,
         )
 
     def __str__(self) -> str:
@@ -125,6 +138,11 @@ class Summary:
         if self.estimated_speedup is not None:
             lines.append(f"estimated FLOPs {self.flops / 1e9:.3f} G vs dense {self.dense_flops / 1e9:.3f} G "
                          f"-> {self.estimated_speedup:.2f}x")
+        if self.ranks > 1:
+            per = (f": {self.flops_per_rank / 1e9:.3f} G FLOPs per rank" if self.flops is not None else
+                   " (FLOPs not priced: fastdiff was applied before enable_parallelism and saw one shard; apply after "
+                   "it to price them)")
+            lines.append(f"context parallel over {self.ranks} ranks, each computing 1/{self.ranks} of every call{per}")
         for name, rep in self.mechanisms.items():
             lines.append(f"{name}: " + ", ".join(f"{k}={_fmt(k, v)}" for k, v in rep.items()))
         return "\n".join(lines)

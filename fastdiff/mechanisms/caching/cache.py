@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ... import parallel
 from ...errors import UnsupportedModelError
+from ...parallel import shards_of
 from ..base import Mechanism
 from . import estimators
 from .policies import POLICIES, PolicyState, row_rel_change
@@ -98,6 +100,13 @@ class StepCache(Mechanism):
                 f"{model}: cache policy '{c.policy}' needs transformer blocks whose residual can be reused; "
                 f"the '{adapter.name}' family's blocks are replayed as outputs (UNet). "
                 "Use policy 'static' (DeepCache) or 'residual' for it.")
+        first = 0 if self.policy.needs_head_input else lo
+        parallel.refuse_plan(adapter.denoiser, [b.path for b in adapter.blocks[first: hi]])
+
+    def hooked_paths(self) -> list[str]:
+        """The paths of the blocks this cache wraps (attached)."""
+        first = 0 if self.policy.needs_head_input else self.lo
+        return [b.path for b in self.adapter.blocks[first: self.hi]]
 
     def estimate_cost(self, table):
         """Static and Δ-DiT schedules are known in advance: exact. Dynamic policies are bounded by their
@@ -241,6 +250,7 @@ class StepCache(Mechanism):
         c = self.config
         s, e = st.span
         if self.policy.adaptive:
+            st.policy.shards = shards_of(self.adapter.denoiser)  # read per call: parallelism may come after apply
             signal = st.span_in
             if st.head_in is not None and st.head_in.shape == st.span_in.shape:
                 signal = st.span_in - st.head_in  # the first blocks' residual
@@ -276,7 +286,7 @@ class StepCache(Mechanism):
         est = st.estimators.get((*st.span, -1))
         rel = st.policy.extra.get("rel")
         if est is not None and est.history and est.history[-1][0] == step - 1 and rel is not None:
-            self.trace.append((rel, row_rel_change(dh, est.history[-1][1][0])))
+            self.trace.append((rel, row_rel_change(dh, est.history[-1][1][0], st.policy.shards)))
 
     def _pack(self, block, st, hidden, encoder, last: bool = False):
         """The block's return value with `hidden` (and `encoder`) in place."""

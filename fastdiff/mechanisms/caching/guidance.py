@@ -23,6 +23,7 @@ import torch
 
 from ...context import COND, UNCOND, UNKNOWN
 from ...errors import FastDiffError, UnsupportedModelError
+from ...parallel import agree, shards_of
 from ..base import Mechanism
 
 
@@ -144,7 +145,10 @@ class GuidanceSkip(Mechanism):
         st.delta = cond - uncond
         if self.config.mode == "converged" and late and not st.converged:
             cos = torch.nn.functional.cosine_similarity(cond.flatten(1).float(), uncond.flatten(1).float(), dim=1)
-            st.converged = bool(cos.min() >= self.config.threshold)  # every row pair must have converged
+            converged = bool(cos.min() >= self.config.threshold)  # every row pair must have converged
+            # Under context parallelism the denoiser's output is gathered, so each rank measures the same rows;
+            # the ranks still vote (one all-reduce per measured step) so that no rank skips a call another runs.
+            st.converged = agree(converged, shards_of(self.adapter.denoiser), device=cos.device)
 
     @torch.compiler.disable
     def _cut(self, args, kwargs, rows, batch):

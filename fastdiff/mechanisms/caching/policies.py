@@ -7,6 +7,10 @@ cool-down, `max_skip`, nothing cached yet — are applied by the mechanism befor
 Batch rule (documented, never mixes samples): a decision holds for the whole call. Signals are measured
 per batch row and the most-changed row decides, so a call reuses only when every row would.
 Each decision costs one host sync per call (never per block).
+
+Under context parallelism (`fastdiff.parallel`) the signal is a shard of the tokens on each rank: its statistics
+are summed over the ranks before the ratio is taken (`shards` in PolicyState, set per call), so every rank measures
+what one process would and takes the same decision — one small all-reduce per measurement, never per block.
 """
 
 from __future__ import annotations
@@ -15,18 +19,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...parallel import Shards, reduce_sum
 
-def row_rel_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    """max over batch rows of mean|new - old| / mean|old| (relative L1 change)."""
+
+def row_rel_change(new: torch.Tensor, old: torch.Tensor, shards: Shards | None = None) -> float:
+    """max over batch rows of mean|new - old| / mean|old| (relative L1 change), over all shards' tokens."""
     new, old = new.flatten(1).float(), old.flatten(1).float()
     num = (new - old).abs().mean(dim=1)
-    den = old.abs().mean(dim=1).clamp_min(1e-12)
-    return float((num / den).max())
+    den = old.abs().mean(dim=1)
+    if shards is not None:  # the means' sums over the ranks, weighted by their (possibly uneven) sizes
+        num, den = reduce_sum(torch.stack([num, den]) * new.shape[1], shards)
+    return float((num / den.clamp_min(1e-12)).max())
 
 
-def row_norm_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """per-row ||num|| / ||den|| as a tensor (no host sync)."""
-    return num.flatten(1).float().norm(dim=1) / den.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+def row_norm_ratio(num: torch.Tensor, den: torch.Tensor, shards: Shards | None = None) -> torch.Tensor:
+    """per-row ||num|| / ||den|| as a tensor (no host sync without shards), over all shards' tokens."""
+    if shards is None:
+        return num.flatten(1).float().norm(dim=1) / den.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+    sq = reduce_sum(torch.stack([num.flatten(1).float().square().sum(1), den.flatten(1).float().square().sum(1)]),
+                    shards)
+    return sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12)
 
 
 @dataclass
@@ -39,6 +51,7 @@ class PolicyState:
     x_comp: torch.Tensor | None = None  # easycache: span input at the last computed step
     v_comp: torch.Tensor | None = None  # easycache: span output at the last computed step
     rate: torch.Tensor | None = None  # easycache: per-row transformation rate
+    shards: Shards | None = None  # the context-parallel group of this call's denoiser (None: it runs whole)
     extra: dict = field(default_factory=dict)
 
     def tensors(self):
@@ -97,7 +110,7 @@ class Residual(Policy):
 
     def observe(self, st, step, signal):
         if st.signal is not None and st.signal.shape == signal.shape:
-            rel = row_rel_change(signal, st.signal)
+            rel = row_rel_change(signal, st.signal, st.shards)
             if self.config.rescale:
                 rel = max(0.0, _polyval(self.config.rescale, rel))
             st.extra["rel"] = rel
@@ -126,7 +139,7 @@ class EasyCache(Policy):
 
     def observe(self, st, step, signal):
         if st.rate is not None and st.x_step is not None and st.x_step.shape == signal.shape:
-            eps = st.rate * row_norm_ratio(signal - st.x_step, st.v_comp)
+            eps = st.rate * row_norm_ratio(signal - st.x_step, st.v_comp, st.shards)
             st.extra["eps"] = eps
         else:
             st.extra["eps"] = None
@@ -142,7 +155,7 @@ class EasyCache(Policy):
     def computed(self, st, span_in, span_out):
         st.acc = 0.0
         if st.x_comp is not None and st.x_comp.shape == span_in.shape:
-            st.rate = row_norm_ratio(span_out - st.v_comp, span_in - st.x_comp)
+            st.rate = row_norm_ratio(span_out - st.v_comp, span_in - st.x_comp, st.shards)
         st.x_comp, st.v_comp = span_in, span_out
 
 

@@ -31,9 +31,11 @@ from typing import Any, Callable
 
 import torch
 
+from ... import parallel
 from ...adapters.base import RopeSpec, TokenModule, specs
 from ...cost.model import Reduction, level_grid
 from ...errors import FastDiffError, UnsupportedModelError
+from ...parallel import PER_TOKEN
 from .. import sites as _sites
 from ..base import Mechanism
 from . import todo as _todo
@@ -114,6 +116,7 @@ class TokenMerge(Mechanism):
     # -- Mechanism ----------------------------------------------------------------------------------
     def validate(self, adapter) -> None:
         c, model, family = self.config, type(adapter.denoiser).__name__, adapter.name
+        parallel.refuse(adapter.denoiser, PER_TOKEN[self.name])
         tome_ok = sorted(s.name for s in specs() if s.attention and s.layout is not None)
         todo_ok = sorted(s.name for s in specs() if any(m.kv_arg for site in s.attention for m in site.modules))
         if adapter.spec.layout is None or not adapter.spec.attention:

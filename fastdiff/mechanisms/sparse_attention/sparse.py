@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
+from ... import parallel
 from ...adapters.base import specs
 from ...attention import dispatch, route
 from ...cost.model import Reduction, level_grid
 from ...errors import ConfigError, FastDiffError, UnsupportedModelError
+from ...parallel import PER_TOKEN
 from .. import sites as _sites
 from ..base import Mechanism
 from . import patterns as _patterns
@@ -63,6 +65,7 @@ class SparseAttention(Mechanism):
 
     def validate(self, adapter) -> None:
         model, family = type(adapter.denoiser).__name__, adapter.name
+        parallel.refuse(adapter.denoiser, PER_TOKEN[self.name])  # window/crisscross too: unverified on a shard
         ok = sorted(s.name for s in specs() if s.layout is not None and any(
             m.role == "self_attention" for site in s.attention for m in site.modules))
         if adapter.spec.layout is None or not adapter.spec.attention:
