@@ -31,19 +31,24 @@ CASES = {  # every cache policy and guidance skipping; thresholds where the tiny
     "cache+guidance": {"cache": {"policy": "residual", "head": 1, "threshold": 0.3},
                        "guidance": {"mode": "converged", "start": 0.25, "threshold": 0.9}},
 }
+WAN_CASES = {  # Wan's plan splits the hidden states at blocks.0: the cache starts after it (head=1)
+    "static": {"cache": {"policy": "static", "head": 1}},
+    "easycache": {"cache": {"policy": "easycache", "head": 1, "threshold": 0.1}},
+    "guidance-converged": {"guidance": {"mode": "converged", "start": 0.25, "threshold": 0.9}},
+}
 CP = dict(ulysses_degree=2)
 
 
-def kwargs(seed=0):
-    return tiny.pipeline_kwargs("flux", cfg=True, steps=STEPS, seed=seed)
+def kwargs(seed=0, family="flux"):
+    return tiny.pipeline_kwargs(family, cfg=True, steps=STEPS, seed=seed)
 
 
-def run(pipe, config=None, seed=0):
+def run(pipe, config=None, seed=0, family="flux"):
     """(output, per-call decisions, summary dict) of one sampling run, with `config` applied (None: bare)."""
     if config is None:
-        return tiny.output_tensor(pipe(**kwargs(seed))), [], {}
+        return tiny.output_tensor(pipe(**kwargs(seed, family))), [], {}
     with fastdiff.accelerated(pipe, config) as handle:
-        out = tiny.output_tensor(pipe(**kwargs(seed)))
+        out = tiny.output_tensor(pipe(**kwargs(seed, family)))
         s = handle.summary()
     decisions = [d for row in s.per_step for d in row.decisions]
     info = {"ranks": s.ranks, "flops": s.flops, "dense_flops": s.dense_flops, "flops_per_rank": s.flops_per_rank,
@@ -109,11 +114,22 @@ def main(out_dir: Path) -> None:
     res["late_merge_error"] = error_of(lambda: late_merge(**kwargs()))
     res["late_merge_records"] = len(merge.records)
 
+    # Wan: its plan splits at blocks.0, inside the chain; a cache that would wrap that block is refused
+    single, par = tiny.build_pipeline("wan"), tiny.build_pipeline("wan")
+    par.transformer.enable_parallelism(config=ContextParallelConfig(**CP))
+    res["wan"] = {"bare_max_diff": (run(par, family="wan")[0] - run(single, family="wan")[0]).abs().max().item()}
+    for name, config in WAN_CASES.items():
+        one, one_dec, _ = run(single, config, family="wan")
+        two, two_dec, _ = run(par, config, family="wan")
+        res["wan"][name] = {"max_diff": (two - one).abs().max().item(), "one": one_dec, "two": two_dec}
+    res["wan"]["residual_error"] = error_of(lambda: fastdiff.apply(par, {"cache": {"policy": "residual", "head": 1}}))
+
     # Without the reduction, ranks whose shards differ decide differently (the reason for the reduction). Shown on
     # models that run whole, each rank on its own content, with the cache told that the world is its group — a
     # divergent skip on the real parallel model would deadlock its attention collectives instead.
     world = parallel.Shards(dist.group.WORLD, dist.get_world_size(), rank)
     cache_module.shards_of = lambda denoiser: world
+    single = tiny.build_pipeline("flux")
     for name in ("residual", "easycache"):
         _, reduced, _ = run(single, CASES[name], seed=rank)
         policies.reduce_sum = lambda stats, shards: stats  # the reduction disabled

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .cp_worker import CASES
+from .cp_worker import CASES, WAN_CASES
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 
@@ -52,6 +52,22 @@ def test_two_ranks_decide_alike_and_match_one_process(ranks, case):
         "compute" in acted or case.startswith("guidance")), f"{case} never acted: {acted}"  # the case can fail
     for r in (a, b):
         assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r["max_diff"]
+
+
+@pytest.mark.parametrize("case", list(WAN_CASES))
+def test_wan_two_ranks_decide_alike_and_match_one_process(ranks, case):
+    a, b = (r["wan"][case] for r in ranks)
+    assert a["two"] == b["two"] == a["one"]
+    assert any(d.endswith(("reuse", "skip-uncond")) for call in a["two"] for d in call.split(","))
+    for r in (a, b):
+        assert r["max_diff"] <= 1e-5
+
+
+def test_wan_cache_over_the_split_block_is_refused(ranks):
+    for r in ranks:
+        assert r["wan"]["bare_max_diff"] <= 1e-5
+        err = r["wan"]["residual_error"]
+        assert err[0] == "UnsupportedModelError" and "blocks.0" in err[1] and "context-parallel plan" in err[1]
 
 
 def test_summary_reports_ranks_and_per_rank_flops(ranks):
