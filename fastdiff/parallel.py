@@ -4,7 +4,8 @@ Under context parallelism each rank's blocks see a shard of the token sequence (
 what attention needs). A decision computed from activations would then differ between ranks, and a rank that skips
 a span while another computes it deadlocks the attention collectives (or mixes stale and fresh shards). So every
 activation-derived decision sums its statistics over the context-parallel group first — one small all-reduce per
-decision, never per block — and all ranks decide on the same numbers, the ones a single process would see.
+measurement (a few numbers per batch row; EasyCache measures twice on a computed step), never per block — and all
+ranks decide on the same numbers, the ones a single process would see.
 Static schedules (step-indexed) need no communication. Per-token mechanisms (merging, sparse attention) are
 refused: their matchings and patterns are computed per shard and were never made consistent with the gathered
 attention.
