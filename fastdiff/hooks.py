@@ -27,6 +27,17 @@ from .errors import FastDiffError
 Wrapper = Callable[[Callable, tuple, dict], Any]
 
 _UNDER = "_old_forward"  # where accelerate's add_hook_to_module keeps the forward it wraps
+_DIFFUSERS = "_diffusers_hook"  # diffusers' HookRegistry (e.g. enable_parallelism's context-parallel split hooks)
+
+
+def _diffusers_ref(obj: Any, hooked: Callable) -> tuple[Any, str] | None:
+    """The diffusers HookFunctionReference (and its field) holding `hooked`, when a diffusers hook was registered
+    over fastdiff's wrapper: the registry keeps what it wrapped there and calls it from `module.forward`."""
+    for ref in getattr(obj.__dict__.get(_DIFFUSERS), "_fn_refs", ()):
+        for field in ("forward", "original_forward"):
+            if getattr(ref, field, None) is hooked:
+                return ref, field
+    return None
 
 
 def _accelerate_hooked(obj: Any, attr: str) -> bool:
@@ -78,6 +89,8 @@ class _Entry:
         for slot in (self.attr, _UNDER) if self.attr == "forward" else (self.attr,):
             if d.get(slot) is self.hooked:
                 return slot
+        if self.attr == "forward" and _diffusers_ref(self.obj, self.hooked) is not None:
+            return _DIFFUSERS
         return None
 
 
@@ -111,7 +124,13 @@ class HookSet:
         while self._entries:
             e = self._entries.pop()
             slot = e.where()
-            if slot == e.slot and not e.had:
+            if slot == _DIFFUSERS:  # a diffusers hook wraps ours (enable_parallelism after apply): unlink ours there
+                ref, field = _diffusers_ref(e.obj, e.hooked)
+                setattr(ref, field, e.inner)
+                outer = e.obj.__dict__.get(e.attr)  # the registry's forward copies __wrapped__ from what it wrapped
+                if getattr(outer, "__wrapped__", None) is e.hooked:
+                    outer.__wrapped__ = e.inner
+            elif slot == e.slot and not e.had:
                 del e.obj.__dict__[slot]
             else:  # where we put it, or where accelerate moved it: what we wrapped goes back there
                 e.obj.__dict__[slot] = e.inner

@@ -103,8 +103,6 @@ def test_parallelism_enabled_after_apply(ranks):
     assert ranks[0]["late"]["two"] == ranks[1]["late"]["two"]
 
 
-@pytest.mark.xfail(strict=True, reason="fastdiff/hooks.py does not yet take its wrapper out from under diffusers' "
-                                       "HookRegistry (the change is in issue 13's report)")
 def test_remove_after_late_parallelism_is_parallel_only(ranks):
     for r in ranks:
         assert r["late"]["remove_error"] is None and r["late"]["after_remove_equal"] is True
