@@ -267,7 +267,7 @@ class Session:
         adapter = part.adapter
         bound = adapter.bind(args, kwargs)
         hidden = adapter.hidden_input(bound)
-        ctx, new_run = run.clock.tick(bound.get("timestep"), tuple(hidden.shape), adapter.layout(bound))
+        ctx, new_run = run.clock.tick(bound.get(adapter.spec.timestep_arg), tuple(hidden.shape), adapter.layout(bound))
         ctx = dataclasses.replace(ctx, branches=adapter.branches(bound, self.pipeline, ctx.call))
         if new_run:
             run.drop_state()

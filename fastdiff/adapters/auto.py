@@ -57,6 +57,7 @@ def find_spec(denoiser: torch.nn.Module) -> tuple[FamilySpec | None, str]:
     params = [p for p in inspect.signature(type(denoiser).forward).parameters if p != "self"]
     # the latent input: by its usual names, else the first argument (UVit2DModel's `input_ids`)
     hidden_arg = next((a for a in DENOISER_INPUTS if a in params), params[0] if params else None)
+    timestep_arg = next((a for a in ("timestep", "timesteps", "t") if a in params), "timestep")  # HiDream, ZImage
     if hidden_arg is None:
         return None, "an input in its forward"
     unet = _unet_lists(denoiser)
@@ -64,7 +65,7 @@ def find_spec(denoiser: torch.nn.Module) -> tuple[FamilySpec | None, str]:
         lists = tuple(BlockList(path, kind, IOPattern(encoder_arg=None, hidden_arg=_block_hidden_arg(module)),
                                 reuse="output") for path, kind, module in unet)
         return FamilySpec(name="auto", classes=(), block_lists=lists, layout=None, latent_grid=None,
-                          hidden_arg=hidden_arg, always_compute=_unet_outer), ""
+                          hidden_arg=hidden_arg, timestep_arg=timestep_arg, always_compute=_unet_outer), ""
     chains = _chains(denoiser)
     if not chains:
         return None, ("`down_blocks`/`up_blocks` of callable blocks, or a ModuleList of two or more blocks of one "
@@ -74,7 +75,7 @@ def find_spec(denoiser: torch.nn.Module) -> tuple[FamilySpec | None, str]:
     best = max(chains, key=lambda c: (c.attends, c.params))
     lists = tuple(BlockList(path, "auto", _static_io(denoiser.get_submodule(path)[0])) for path in best.paths)
     return FamilySpec(name="auto", classes=(), block_lists=lists, layout=None, latent_grid=None,
-                      hidden_arg=hidden_arg), ""
+                      hidden_arg=hidden_arg, timestep_arg=timestep_arg), ""
 
 
 class AutoAdapter(BlockAdapter):

@@ -153,6 +153,7 @@ class FamilySpec:
         always_compute: blocks -> indices a step-cache must never skip (a UNet's shallow path).
         attention: where the token submodules (attention, MLP) sit inside the blocks, and how text, RoPE and
             masks reach them — what token merging needs; empty: merging is not supported for the family.
+        timestep_arg: name of the timestep input of the denoiser's forward (the clock reads it).
         control: a control network (ControlNet) that a pipeline calls beside its denoiser: its calls are
             accounted in summaries, never accelerated, and it is not a denoiser fastdiff applies to.
     """
@@ -173,6 +174,7 @@ class FamilySpec:
     always_compute: Callable[[list], set[int]] | None = None
     attention: tuple[TokenSite, ...] = ()
     control: bool = False
+    timestep_arg: str = "timestep"
 
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:
