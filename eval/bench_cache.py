@@ -23,7 +23,7 @@ import torch
 
 import fastdiff
 
-from . import metrics, timing, workloads
+from . import timing, workloads
 from .outdir import csv_cell
 
 LEVELS = ("safe", "fast", "ultra")
@@ -56,10 +56,6 @@ FASTDIFF = {
 
 
 
-
-
-def _fidelity(x, ref, data_range):
-    return metrics.psnr(x, ref, data_range), metrics.ssim(x, ref, data_range)
 
 
 def run(args) -> list[dict]:
@@ -100,22 +96,20 @@ def run(args) -> list[dict]:
     if not args.no_peers:
         refused += peer_arms(wl, arms, meta)
     timed = timing.interleaved(arms, args.repeats, warmup=1)
-    base = timed["baseline"].output
-    data_range = 1.0 if wl.trained else float(base.max() - base.min())
-    rows = []
-    for name, t in timed.items():
+
+    def flops_of(name, s):
+        return s.estimated_speedup if hasattr(s, "estimated_speedup") else (1.0 if name == "baseline" else None)
+
+    def config(name, t, row):
         s = t.extra
-        flops = s.estimated_speedup if hasattr(s, "estimated_speedup") else (1.0 if name == "baseline" else None)
-        p_, s_ = _fidelity(t.output, base, data_range)
-        row = dict(meta[name], **timing.fields(timed["baseline"], t, flops), psnr=p_, ssim=s_, flops_speedup=flops)
         if hasattr(s, "config"):
             row["config"] = s.config
         elif "config" not in row:
             row["config"] = json.dumps(s.kwargs, default=str)
             row["note"] += f", skip {s.skip:.2f} (searched)" if s.skip is not None else ""
-        if classify:
-            row["accuracy"] = classify(t.output)
-        rows.append(row)
+
+    rows = timing.result_rows(timed, meta, wl.trained, flops_of, classify, config)
+    for row in rows:
         print(_line(row), flush=True)
     return rows + refused, wl
 

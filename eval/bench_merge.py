@@ -40,7 +40,7 @@ import fastdiff
 from fastdiff import tiny
 from fastdiff.integrations.diffusers import find_parts
 
-from . import metrics, timing, workloads
+from . import timing, workloads
 from .outdir import csv_cell
 
 RATIOS = (0.3, 0.5, 0.7)
@@ -117,20 +117,17 @@ def run(args):
         refused += tomesd_arms(wl, arms, meta)
 
     timed = timing.interleaved(arms, args.repeats, warmup=1)
-    base = timed["baseline"].output
-    data_range = 1.0 if wl.trained else float(base.max() - base.min())
-    rows = []
-    for name, t in timed.items():
-        s = t.extra
-        flops = s.estimated_speedup if s is not None else (1.0 if name == "baseline" else None)
-        row = dict(meta[name], **timing.fields(timed["baseline"], t, flops), flops_speedup=flops,
-                   psnr=metrics.psnr(t.output, base, data_range), ssim=metrics.ssim(t.output, base, data_range))
-        if s is not None:
-            tokens = next((d for r in s.per_step for d in r.decisions if d), "")
-            row.update(config=s.config, tokens=tokens.replace("merge=", ""))
-        if classify:
-            row["accuracy"] = classify(t.output)
-        rows.append(row)
+
+    def flops_of(name, s):
+        return s.estimated_speedup if s is not None else (1.0 if name == "baseline" else None)
+
+    def tokens(name, t, row):
+        if t.extra is not None:
+            merged = next((d for r in t.extra.per_step for d in r.decisions if d), "")
+            row.update(config=t.extra.config, tokens=merged.replace("merge=", ""))
+
+    rows = timing.result_rows(timed, meta, wl.trained, flops_of, classify, tokens)
+    for row in rows:
         print(_line(row), flush=True)
     return rows + refused, wl
 

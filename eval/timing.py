@@ -157,6 +157,28 @@ def fields(base: Timing, arm: Timing, bound: float | None = None) -> dict:
                 speedup_high=s.high, reliable=s.reliable, timing_note=s.note)
 
 
+def result_rows(timed: dict, meta: dict, trained: bool, flops_of: Callable[[str, Any], float | None],
+                classify: Callable | None = None, extra: Callable[[str, Timing, dict], None] | None = None) -> list[dict]:
+    """One result row per timed arm against the arm named "baseline": `meta[name]`, the timing columns, the FLOPs
+    bound `flops_of(name, summary)`, PSNR/SSIM over the baseline's value range ([0, 1] for trained references), a
+    benchmark's own columns (`extra(name, arm, row)`), then class accuracy when a classifier is given."""
+    from . import metrics
+
+    base = timed["baseline"].output
+    data_range = 1.0 if trained else float(base.max() - base.min())
+    rows = []
+    for name, t in timed.items():
+        flops = flops_of(name, t.extra)
+        row = dict(meta[name], **fields(timed["baseline"], t, flops), flops_speedup=flops,
+                   psnr=metrics.psnr(t.output, base, data_range), ssim=metrics.ssim(t.output, base, data_range))
+        if extra is not None:
+            extra(name, t, row)
+        if classify:
+            row["accuracy"] = classify(t.output)
+        rows.append(row)
+    return rows
+
+
 def time_cell(row: dict) -> str:
     """'2.345 ±4%' for a table: median seconds and the spread of the rounds."""
     return f"{row['time_s']:.3f} ±{row['spread']:.0%}"
