@@ -18,7 +18,7 @@ import torch
 
 from . import parallel
 from .adapters.base import BlockAdapter
-from .clock import CallRecord, StepClock
+from .clock import MAX_CALLS_PER_STEP, CallRecord, StepClock
 from .config import FastDiffConfig
 from .context import UNKNOWN, RunState, StepContext
 from .cost.model import CostModel
@@ -61,8 +61,12 @@ class Part:
                  mechanisms: list[Mechanism]):
         self.session, self.name, self.denoiser, self.adapter, self.mechanisms = session, name, denoiser, adapter, \
             mechanisms
-        self.control = adapter.spec.control  # a ControlNet: its calls are accounted, never accelerated
         self._cost: CostModel | None = None
+
+    @property
+    def control(self) -> bool:
+        """A ControlNet: its calls are accounted, never accelerated."""
+        return self.adapter.spec.control
 
     @property
     def hooks(self) -> HookSet:
@@ -250,7 +254,7 @@ class Session:
             return control
 
         def call(inner, args, kwargs):
-            run, record = self._open(part, args, kwargs)
+            run = self._open(part, args, kwargs)
             try:
                 return inner(*args, **kwargs)
             finally:
@@ -259,7 +263,7 @@ class Session:
         return call
 
     @torch.compiler.disable  # host-side bookkeeping: a compiled denoiser keeps one graph around its blocks
-    def _open(self, part: Part, args: tuple, kwargs: dict) -> tuple[Run, CallRecord]:
+    def _open(self, part: Part, args: tuple, kwargs: dict) -> Run:
         self.hooks.check_intact()
         parallel.check_call(part.denoiser, part.mechanisms)  # enable_parallelism after apply: refuse per-token ones
         run = self._run_here()
@@ -280,7 +284,7 @@ class Session:
         run.records.append(record)
         run.current[part.name] = record
         self._last = run
-        return run, record
+        return run
 
     @torch.compiler.disable
     def _note_control(self, part: Part, args: tuple, kwargs: dict) -> None:
@@ -288,7 +292,8 @@ class Session:
         rows = part.adapter.hidden_input(bound).shape[0]
         ctx = StepContext(-1, -1, None, float("nan"), -1, (UNKNOWN,) * rows, part.adapter.layout(bound))
         run = self._run_here()
-        run.pending = run.pending[-(len(self.parts) * 4):] + [CallRecord(ctx, part=part.name)]  # bounded
+        # bounded: a ControlNet called without its denoiser (by hand) must not grow state
+        run.pending = run.pending[-len(self.parts) * MAX_CALLS_PER_STEP:] + [CallRecord(ctx, part=part.name)]
 
     def _follow_scheduler(self, run: Run) -> None:
         """`pipe.scheduler = X.from_config(...)` after apply: listen to the pipeline's current scheduler."""
