@@ -99,7 +99,7 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
             mechanism.validate(adapter)
         parts.append((name, module, adapter, mechanisms))
     spec = parts[0][2].spec  # guidance needs each row's branch: from the pipeline's CFG layout, or the inputs
-    if pipeline is not None and cfg.guidance is not None and type(pipeline).__name__ not in spec.pipelines \
+    if pipeline is not None and cfg.guidance is not None and spec.cfg_layout(pipeline) is None \
             and spec.row_branches is None:
         raise UnsupportedModelError(
             f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "

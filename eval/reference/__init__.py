@@ -7,7 +7,9 @@
 
 - ref-digits: DiTTransformer2DModel, digits 16x16 (1 channel), 10 classes;
 - ref-unet: UNet2DConditionModel (class embeddings through cross-attention, as SD's prompt), digits 32x32;
-- ref-textures: DiTTransformer2DModel, 32x32 RGB crops of 10 bundled photographs (class = photograph).
+- ref-textures: DiTTransformer2DModel, 32x32 RGB crops of 10 bundled photographs (class = photograph);
+- ref-flux: FluxTransformer2DModel by flow matching, digits at 16/24/32 px (ClassFluxPipeline, a FluxPipeline);
+- ref-flux-textures: the same recipe on the photograph crops.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 from importlib import import_module
 
 # name -> module with RECIPE and load(); the data set each model learns (and whose classifier judges it)
-_MODELS = {"ref-digits": ".digits", "ref-unet": ".unet", "ref-textures": ".textures"}
-_DATASETS = {"ref-digits": "digits", "ref-unet": "digits", "ref-textures": "textures"}
+_MODELS = {"ref-digits": ".digits", "ref-unet": ".unet", "ref-textures": ".textures", "ref-flux": ".flux",
+           "ref-flux-textures": ".flux_textures"}
+_DATASETS = {"ref-digits": "digits", "ref-unet": "digits", "ref-textures": "textures", "ref-flux": "digits",
+             "ref-flux-textures": "textures"}
 
 
 def names() -> list[str]:

@@ -61,13 +61,17 @@ def _split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def load_split(split: str = "train", dataset: str = "digits", size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, size, size) in [0, 1] (float32) and labels (N,) (int64) of "train", "held_out" or "all".
 
-    `size`: digits are upsampled to it (default 16); textures are 32x32 crops (the only size)."""
+    `size`: digits are upsampled to it from their 8x8 scans (default 16); textures are 32x32 crops, reduced to a
+    smaller size by antialiased bilinear resampling (what a model trained at several resolutions sees)."""
     if split not in ("train", "held_out", "all"):
         raise ValueError(f"unknown split {split!r}: expected 'train', 'held_out' or 'all'")
     if dataset == "textures":
+        if size is not None and not 0 < size <= TEXTURE_SIZE:
+            raise ValueError(f"textures are {TEXTURE_SIZE}x{TEXTURE_SIZE} crops (or smaller), got size={size}")
+        x, y = _texture_split(split)
         if size not in (None, TEXTURE_SIZE):
-            raise ValueError(f"textures are {TEXTURE_SIZE}x{TEXTURE_SIZE} crops, got size={size}")
-        return _texture_split(split)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        return x, y
     if dataset != "digits":
         raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(DATASETS)}")
     return _digits_split(split, size or SIZE)

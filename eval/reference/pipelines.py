@@ -21,11 +21,14 @@ from diffusers import (
     ConfigMixin,
     DiffusionPipeline,
     DiTTransformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     ModelMixin,
     UNet2DConditionModel,
 )
 from diffusers.configuration_utils import register_to_config
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -170,3 +173,77 @@ class ClassUNetPipeline(_ClassPipeline):
             eps = uncond + self._guidance_scale * (cond - uncond)
         return eps
 
+
+
+class ClassFluxPipeline(FluxPipeline):
+    """Class-conditional pixel-space sampling with a `FluxTransformer2DModel`, through diffusers' own
+    `FluxPipeline.__call__`: packed 2x2 latents with `img_ids`, `FlowMatchEulerDiscreteScheduler` with its
+    resolution-dependent shift, true CFG as two calls per step (cond, then uncond, in `cache_context`s).
+
+    The class is the prompt: `class_embedding` gives the `prompt_embeds` (tokens x joint_attention_dim) and
+    `pooled_embedding` the `pooled_prompt_embeds`; the null class's pair is the negative prompt. No VAE and no
+    text encoders: the "latents" are the pixels, so `vae_scale_factor` is 1 and `height`/`width` are pixels.
+    Everything else a `FluxPipeline` call takes (`sigmas`, `latents`, callbacks, ...) passes through.
+    """
+
+    model_cpu_offload_seq = "class_embedding->pooled_embedding->transformer"
+    _optional_components = []
+
+    def __init__(self, transformer: FluxTransformer2DModel, class_embedding: ClassEmbedding,
+                 pooled_embedding: ClassEmbedding, scheduler, sample_size: int = 32):
+        DiffusionPipeline.__init__(self)  # not FluxPipeline's: it would register a VAE and four text modules
+        self.register_modules(transformer=transformer, class_embedding=class_embedding,
+                              pooled_embedding=pooled_embedding, scheduler=scheduler)
+        self.register_to_config(sample_size=sample_size)
+        # What FluxPipeline.__call__ reads: pixel space (scale 1, 2x2 packing), no text encoders.
+        self.vae_scale_factor = 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=2)
+        self.vae = self.text_encoder = self.text_encoder_2 = self.tokenizer = self.tokenizer_2 = None
+        self.tokenizer_max_length = class_embedding.config.tokens
+        self.default_sample_size = sample_size
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_embedding.config.num_classes
+
+    def class_prompt(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled_prompt_embeds) of class ids (the null id = num_classes is the negative prompt)."""
+        dtype = self.transformer.dtype
+        return (self.class_embedding(labels).to(dtype),
+                self.pooled_embedding(labels).flatten(1).to(dtype))
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                 generator=None, output_type: str = "pt", return_dict: bool = True, size: int | None = None,
+                 **flux_kwargs):
+        """Sample one image per entry of `class_labels` at `size` px (default: the trained full size).
+
+        guidance_scale: true-CFG scale (`true_cfg_scale` of FluxPipeline); <= 1 runs the conditional branch only.
+        output_type: "pt" -> (N, C, size, size) in [0, 1]; "np"; "pil"; "latent" -> the packed latents.
+        """
+        device = self._execution_device
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class_labels must be ids in 0..{self.num_classes - 1}, got {class_labels}")
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
+        size = size or self.config.sample_size
+        cond, pooled = self.class_prompt(labels)
+        null, null_pooled = self.class_prompt(torch.full_like(labels, self.num_classes))
+        latents = super().__call__(
+            prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=null,
+            negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=guidance_scale, height=size, width=size,
+            num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+            max_sequence_length=cond.shape[1], **flux_kwargs).images
+        if output_type == "latent":
+            return ImagePipelineOutput(images=latents) if return_dict else (latents,)
+        images = (self._unpack_latents(latents, size, size, self.vae_scale_factor).float() / 2 + 0.5).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -38,9 +38,11 @@ LINSPACE_ABLATION = (" with linspace timesteps", {"timestep_spacing": "linspace"
 
 
 def build_scheduler(config: dict | None = None):
-    from diffusers import DPMSolverMultistepScheduler
+    """The sampler of a config (its `_class_name`; DPM-Solver++ when it names none)."""
+    import diffusers
 
-    return DPMSolverMultistepScheduler.from_config(dict(config or SCHEDULER_CONFIG))
+    config = dict(config or SCHEDULER_CONFIG)
+    return getattr(diffusers, config.get("_class_name", "DPMSolverMultistepScheduler")).from_config(config)
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,24 @@ class Recipe:
     Args:
         name: registry name ("ref-unet").
         dataset: the data it is trained on and judged by ("digits", "textures"; see `data.py`).
-        size: image side in pixels (the model works in pixel space).
+        size: image side in pixels (the model works in pixel space): the full size it samples at.
         parts: part name -> config of the diffusers model built for it (in build order).
         build: {part: config} -> {part: freshly initialised module}.
-        predict: ({part: module}, noisy images, timesteps, class ids) -> predicted epsilon: the training forward,
-            with the null class id (= number of classes) for unconditional rows.
+        predict: ({part: module}, noisy images, timesteps, class ids) -> the prediction: the training forward,
+            with the null class id (= number of classes) for unconditional rows. "epsilon" objective: integer
+            timesteps, predicts the noise; "flow": sigmas in [0, 1], predicts the velocity noise - image.
         pipeline: ({part: module}, scheduler) -> the pipeline that samples with them.
         describe: ({part: module}) -> the model card's paragraph on the denoiser (markdown list items).
         scheduler: the sampler's config (training uses its noise schedule).
         ablation: (note, overrides) of the scheduler config: a sampler setting the model card shows the model
             without, to say why the config has it.
+        objective: "epsilon" (DDPM noise prediction on the scheduler's alphas) or "flow" (rectified flow:
+            x_t = (1 - sigma) x + sigma noise, sigma uniform in [0, 1], target noise - x).
+        sizes: the resolutions training draws each batch at (default: `size` only).
+        scheduler_class: the diffusers class of the sampler.
+        other_sampler: a second sampler class the card evaluates (None: none).
+        probe_sizes: sizes below the trained ones the card evaluates, to show where the model stops working.
+        variant: (width, sizes, name) -> the same recipe at another size (None: fixed), for `train.py --width`.
     """
 
     name: str
@@ -72,9 +82,19 @@ class Recipe:
     describe: Callable[[dict], str]
     scheduler: dict = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
     ablation: tuple = (" without lambda_min_clipped", {"lambda_min_clipped": -float("inf")})
+    objective: str = "epsilon"
+    sizes: tuple = ()
+    scheduler_class: str = "DPMSolverMultistepScheduler"
+    other_sampler: str | None = "DDIMScheduler"
+    probe_sizes: tuple = ()
+    variant: Callable | None = None
+
+    @property
+    def train_sizes(self) -> tuple:
+        return tuple(self.sizes) or (self.size,)
 
     def scheduler_config(self) -> dict:
-        return {**self.scheduler, "_class_name": "DPMSolverMultistepScheduler"}
+        return {**self.scheduler, "_class_name": self.scheduler_class}
 
     def config(self, parts: dict) -> dict:
         """The JSON written beside the weights."""

@@ -85,21 +85,27 @@ def train_classifier(seed: int, epochs: int, batch_size: int = 64,
 
 
 def train_denoiser(recipe: _recipe.Recipe, args) -> tuple[dict, dict]:
-    """Epsilon-prediction training of the recipe's parts; returns the EMA weights (eval mode) and statistics."""
+    """Training of the recipe's parts on its objective (epsilon prediction or rectified flow), each batch at one of
+    its training sizes; returns the EMA weights (eval mode) and statistics."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    x0, y0 = load_split("train", recipe.dataset, recipe.size)
-    x0 = to_model_range(x0)
+    sizes = recipe.train_sizes
+    data = {s: load_split("train", recipe.dataset, s) for s in sizes}
+    data = {s: (to_model_range(x), y) for s, (x, y) in data.items()}
     null = DATASETS[recipe.dataset]["num_classes"]
+    dev = torch.device(args.device)
     parts = recipe.build(recipe.parts)
-    model = torch.nn.ModuleDict(parts).train()
+    model = torch.nn.ModuleDict(parts).to(dev).train()
     # The DiT label embedders drop labels on their own in train mode, independently in each block and
     # from the global RNG; drop once per sample here instead (same null id for all blocks, seeded).
     for m in model.modules():
         if hasattr(m, "dropout_prob") and hasattr(m, "token_drop"):
             m.dropout_prob = 0.0
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    alphas = _recipe.build_scheduler(recipe.scheduler).alphas_cumprod  # the exact schedule the sampler will assume
+    if recipe.objective == "epsilon":  # the exact schedule the sampler will assume
+        alphas = _recipe.build_scheduler(recipe.scheduler_config()).alphas_cumprod
+    elif recipe.objective != "flow":
+        raise ValueError(f"{recipe.name}: unknown objective {recipe.objective!r} (epsilon or flow)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     def lr_at(step):  # linear warmup, cosine decay to 5%
@@ -111,14 +117,24 @@ def train_denoiser(recipe: _recipe.Recipe, args) -> tuple[dict, dict]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     losses, start, cpu = [], time.perf_counter(), time.process_time()
     for step in range(args.steps):
+        # one resolution per batch (a single-size recipe draws nothing: its RNG stream is as it was)
+        x0, y0 = data[sizes[int(torch.randint(0, len(sizes), (1,), generator=g))] if len(sizes) > 1 else sizes[0]]
         idx = torch.randint(0, len(x0), (args.batch_size,), generator=g)
         x, y = x0[idx], y0[idx]
         y = torch.where(torch.rand(len(y), generator=g) < args.label_dropout, null, y)  # learn the null class
-        t = torch.randint(0, len(alphas), (len(y),), generator=g)
         noise = torch.randn(x.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        pred = recipe.predict(parts, a.sqrt() * x + (1 - a).sqrt() * noise, t, y)
-        loss = F.mse_loss(pred, noise)
+        if recipe.objective == "flow":
+            sigma = torch.rand(len(y), generator=g)
+            x, y, noise, sigma = x.to(dev), y.to(dev), noise.to(dev), sigma.to(dev)
+            s4 = sigma.view(-1, 1, 1, 1)
+            pred = recipe.predict(parts, (1 - s4) * x + s4 * noise, sigma, y)
+            loss = F.mse_loss(pred, noise - x)
+        else:
+            t = torch.randint(0, len(alphas), (len(y),), generator=g)
+            a = alphas[t].view(-1, 1, 1, 1).to(dev)
+            x, y, noise, t = x.to(dev), y.to(dev), noise.to(dev), t.to(dev)
+            pred = recipe.predict(parts, a.sqrt() * x + (1 - a).sqrt() * noise, t, y)
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -138,37 +154,44 @@ def train_denoiser(recipe: _recipe.Recipe, args) -> tuple[dict, dict]:
     model.load_state_dict(ema)
     stats = dict(steps=args.steps, wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu,
                  final_loss=sum(losses[-100:]) / len(losses[-100:]), first_loss=sum(losses[:100]) / len(losses[:100]),
-                 n_params=sum(v.numel() for v in model.parameters()))
-    return {k: m.eval() for k, m in parts.items()}, stats
+                 n_params=sum(v.numel() for v in model.parameters()),
+                 loss_curve=[sum(c) / len(c) for c in (losses[i * len(losses) // 10:(i + 1) * len(losses) // 10]
+                                                       for i in range(10)) if c])
+    return {k: m.cpu().eval() for k, m in parts.items()}, stats
 
 
-def _generate(pipe, labels, gens, steps, guidance, chunk: int = 100) -> torch.Tensor:
-    """Samples in chunks (one generator each: a sample does not depend on its chunk), to bound memory."""
+def _generate(pipe, labels, gens, steps, guidance, chunk: int = 100, **call) -> torch.Tensor:
+    """Samples in chunks (one generator each: a sample does not depend on its chunk), to bound memory; `call`:
+    more pipeline arguments (`size` of a multi-resolution model)."""
     return torch.cat([pipe(labels[i:i + chunk].tolist(), num_inference_steps=steps, guidance_scale=guidance,
-                           generator=gens[i:i + chunk]).images for i in range(0, len(labels), chunk)])
+                           generator=gens[i:i + chunk], **call).images for i in range(0, len(labels), chunk)])
 
 
-def sample_accuracy(pipe, clf, per_class: int, steps: int, guidance: float, seed: int = 1000, note: str = "") -> dict:
-    """Generate `per_class` samples of every class (one seeded generator each) and classify them."""
+def sample_accuracy(pipe, clf, per_class: int, steps: int, guidance: float, seed: int = 1000, note: str = "",
+                    size: int | None = None) -> dict:
+    """Generate `per_class` samples of every class (one seeded generator each) and classify them; `size`: sample
+    at that resolution (a multi-resolution model; the classifier reduces or enlarges to its own)."""
     num_classes = pipe.num_classes
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     start = time.perf_counter()
-    images = _generate(pipe, labels, gens, steps, guidance)
+    images = _generate(pipe, labels, gens, steps, guidance, **({} if size is None else {"size": size}))
     hit = (clf.predict(images) == labels).float()
     per_class = [hit[labels == c].mean().item() for c in range(num_classes)]
+    note += "" if size is None else f" at {size} px"
     return dict(sampler=type(pipe.scheduler).__name__ + note, steps=steps, guidance=guidance, n=len(labels),
-                acc=hit.mean().item(), per_class=per_class, wall_s=time.perf_counter() - start)
+                acc=hit.mean().item(), per_class=per_class, wall_s=time.perf_counter() - start, size=size)
 
 
-def sample_grid(pipe, path: Path, steps: int, guidance: float, seeds: int = 8, scale: int = 4, gap: int = 2) -> None:
+def sample_grid(pipe, path: Path, steps: int, guidance: float, seeds: int = 8, scale: int = 4, gap: int = 2,
+                **call) -> None:
     """PNG grid: one row per class, one column per seed (seed s is the same noise in every row)."""
     from PIL import Image
 
     num_classes = pipe.num_classes
     labels = torch.arange(num_classes).repeat_interleave(seeds)
     gens = [torch.Generator().manual_seed(i % seeds) for i in range(len(labels))]
-    images = _generate(pipe, labels, gens, steps, guidance)
+    images = _generate(pipe, labels, gens, steps, guidance, **call)
     cell = images.shape[-1] * max(1, scale * 16 // images.shape[-1])  # 64 px cells whatever the model's size
     mode = "L" if images.shape[1] == 1 else "RGB"
     white = 255 if mode == "L" else (255,) * 3
@@ -198,9 +221,19 @@ def main(argv=None) -> None:
                    help="train nothing: evaluate the weights in --out with the recipe's current sampler config "
                         "(rewritten into the JSON) and rewrite the model card; the training record comes from the JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, help="a larger (or smaller) variant: the denoiser's width (recipes with a "
+                   "variant, e.g. ref-flux: 256 on a GPU)")
+    p.add_argument("--sizes", help="the variant's training resolutions, comma-separated (the largest is its full size)")
+    p.add_argument("--name", help="the variant's name (default: the model's; give one so the shipped weights stay)")
+    p.add_argument("--device", default="cpu", help="where the denoiser trains (cuda on a GPU machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     recipe = recipe_of(args.model)
+    if args.width or args.sizes or args.name:
+        if recipe.variant is None:
+            raise SystemExit(f"{recipe.name} has no size variants (--width/--sizes/--name)")
+        sizes = tuple(int(v) for v in args.sizes.split(",")) if args.sizes else recipe.train_sizes
+        recipe = recipe.variant(args.width or recipe.parts["transformer"]["attention_head_dim"] * 2, sizes, args.name)
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = " ".join([COMMAND] + [a if " " not in a else repr(a) for a in (sys.argv[1:] if argv is None else argv)])
     total = time.perf_counter()
@@ -221,22 +254,30 @@ def main(argv=None) -> None:
     at_size = clf.accuracy(*load_split("held_out", recipe.dataset, recipe.size))
     evals = [sample_accuracy(pipe, clf, args.eval_per_class, 20, g) for g in (3.0, 1.0, 2.0, 4.0)]
     evals.append(sample_accuracy(pipe, clf, args.eval_per_class, 10, 3.0))
-    from diffusers import DDIMScheduler
-
     other = recipe.load(weights=args.out)
-    other.scheduler = DDIMScheduler.from_config(other.scheduler.config)
-    evals.append(sample_accuracy(other, clf, args.eval_per_class, 20, 3.0))
+    if recipe.other_sampler is not None:
+        import diffusers
+
+        other.scheduler = getattr(diffusers, recipe.other_sampler).from_config(other.scheduler.config)
+        evals.append(sample_accuracy(other, clf, args.eval_per_class, 20, 3.0))
     # Why the scheduler config has what it has (see recipe.SCHEDULER_CONFIG): the same sampler without it.
     note, overrides = recipe.ablation
     other.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     evals.append(sample_accuracy(other, clf, args.eval_per_class, 20, 3.0, note=note))
+    # A multi-resolution model at each size it was trained at, and below (where it stops working).
+    smaller = sorted({*recipe.train_sizes, *recipe.probe_sizes} - {recipe.size})
+    for s in smaller:
+        evals += [sample_accuracy(pipe, clf, args.eval_per_class, 20, g, size=s) for g in (3.0, 1.0)]
     for e in evals:
         log(f"samples {e['sampler']} {e['steps']} steps guidance {e['guidance']}: accuracy {e['acc']:.4f} (n={e['n']})")
     sample_grid(pipe, args.out / f"{recipe.name}-samples.png", 20, 3.0)
+    for s in smaller:
+        sample_grid(pipe, args.out / f"{recipe.name}-samples-{s}px.png", 20, 3.0, size=s)
+    real_at = {s: clf.accuracy(*load_split("held_out", recipe.dataset, s)) for s in smaller}
     sample_s = _time_one_sample(pipe)
     total = time.perf_counter() - total
 
-    section = model_card(recipe, pipe, record, args.eval_per_class, at_size, evals, sample_s, total)
+    section = model_card(recipe, pipe, record, args.eval_per_class, at_size, evals, sample_s, total, real_at)
     update_card(args.out / CARD, recipe.name, section)
     log(f"done in {total:.0f}s -> {args.out}")
 
@@ -253,12 +294,18 @@ def train(recipe: _recipe.Recipe, args, cmd: str) -> dict:
     else:
         clf_stats = dict(trained=False)
     parts, stats = train_denoiser(recipe, args)
-    record = dict(command=cmd, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+    record = dict(command=cmd, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                   ema=args.ema, label_dropout=args.label_dropout, seed=args.seed, **stats, classifier=clf_stats,
-                  total_train_s=time.perf_counter() - start, device=f"CPU, {_cpu_name()}, torch threads 1",
+                  total_train_s=time.perf_counter() - start, device=_device_name(args.device),
                   versions=_versions(recipe))
     recipe.save(parts, args.out, training=record)
     return record
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU, {_cpu_name()}, torch threads 1"
 
 
 def _versions(recipe) -> str:
@@ -362,7 +409,60 @@ def _classifier_section(recipe, clf_stats, at_size) -> str:
             f"{1 / shape['num_classes']:.0%}).")
 
 
-def model_card(recipe, pipe, rec, per_class_n, at_size, evals, sample_s, total) -> str:
+def _schedule_line(recipe, sched) -> str:
+    """The card's line on the noise schedule and the sampler."""
+    if recipe.objective == "flow":
+        return (f"- Objective: rectified flow (x_t = (1 - sigma) x + sigma noise, sigma uniform in [0, 1], the model "
+                f"predicts noise - x). Sampler: `{recipe.scheduler_class}`\n  with `use_dynamic_shifting` (mu "
+                f"{sched.base_shift:g} at {sched.base_image_seq_len} tokens to {sched.max_shift:g} at "
+                f"{sched.max_image_seq_len}, as FLUX's shift scaled to these token counts), through "
+                "`FluxPipeline.__call__`\n  (config in `{name}.json`; the ablation row below shows the shift's "
+                "effect).".replace("{name}", recipe.name))
+    spacing = (f"`timestep_spacing=\"{sched.timestep_spacing}\"`, `steps_offset={sched.steps_offset}`, "
+               if sched.timestep_spacing != "linspace" else "")
+    return (f"- Noise schedule: 1000 steps, `squaredcos_cap_v2`, epsilon prediction. Sampler: "
+            f"`DPMSolverMultistepScheduler`\n  with {spacing}`lambda_min_clipped={sched.lambda_min_clipped:g}`\n"
+            f"  (config in `{recipe.name}.json`; the last row of the table below shows why).")
+
+
+def _curve(rec) -> str:
+    """The loss curve, if the run recorded one (mean loss of each tenth of training)."""
+    curve = rec.get("loss_curve")
+    if not curve:
+        return ""
+    return "\n- Loss curve (mean of each tenth of training): " + ", ".join(f"{v:.4f}" for v in curve) + "."
+
+
+def _resolution_section(recipe, evals, real_at) -> str:
+    """Per-resolution accuracy of a model trained at several sizes (empty for a single-size model)."""
+    if not real_at:
+        return ""
+    full = [e for e in evals if e.get("size") is None and e["steps"] == 20 and e["guidance"] in (1.0, 3.0)
+            and e["sampler"] == evals[0]["sampler"]]
+    rows = []
+    for s in sorted(real_at) + [recipe.size]:
+        at = full if s == recipe.size else [e for e in evals if e.get("size") == s]
+        acc = {e["guidance"]: e["acc"] for e in at}
+        trained = "trained" if s in recipe.train_sizes else "**not trained** (probe)"
+        real = "" if s == recipe.size else f"{real_at[s]:.1%}"
+        rows.append(f"| {s} px | {(s // 2) ** 2} | {trained} | {real} | {acc.get(1.0, float('nan')):.1%} | "
+                    f"{acc.get(3.0, float('nan')):.1%} |")
+    real_full = "the full-size held-out accuracy is under the classifier above"
+    return f"""
+## Per resolution
+One set of weights, sampled at each size (20 steps, `size=` of the pipeline call); the classifier reduces or
+enlarges every image to its own size first, so the "real held-out" column says what it can tell at that size
+({real_full}).
+
+| size | image tokens | | real held-out, classified | samples, guidance 1 | samples, guidance 3 |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Samples grids: `{recipe.name}-samples.png` (full size) and `{recipe.name}-samples-<size>px.png`.
+"""
+
+
+def model_card(recipe, pipe, rec, per_class_n, at_size, evals, sample_s, total, real_at=None) -> str:
     """The model's section of MODEL_CARD.md, from its training record and this evaluation."""
     main_eval, name, s = evals[0], recipe.name, recipe.size
     last = len(main_eval["per_class"]) - 1
@@ -372,8 +472,6 @@ def model_card(recipe, pipe, rec, per_class_n, at_size, evals, sample_s, total) 
     clf_stats = rec["classifier"]
     clf_time = f"classifier {clf_stats['wall_s']:.0f} s, " if clf_stats["trained"] else ""
     sched = pipe.scheduler.config
-    spacing = (f"`timestep_spacing=\"{sched.timestep_spacing}\"`, `steps_offset={sched.steps_offset}`, "
-               if sched.timestep_spacing != "linspace" else "")
     cpu = (f" The denoiser's training took {rec['cpu_s'] / 60:.1f} min of CPU time (the rest of its wall time went to\n"
            "  other jobs on the shared machine)." if rec.get("cpu_s") is not None else "")
     if rec.get("note"):
@@ -392,13 +490,11 @@ was measured by that run on the weights as committed.
 
 ## Denoiser `{name}`
 {recipe.describe(pipe.components)}
-- Noise schedule: 1000 steps, `squaredcos_cap_v2`, epsilon prediction. Sampler: `DPMSolverMultistepScheduler`
-  with {spacing}`lambda_min_clipped={sched.lambda_min_clipped:g}`
-  (config in `{name}.json`; the last row of the table below shows why).
+{_schedule_line(recipe, sched)}
 - Training: {rec['steps']} steps, batch {rec['batch_size']}, AdamW lr {rec['lr']:g} ({rec['warmup']} warmup steps,
   cosine to 5%), grad clip 1.0, label dropout {rec['label_dropout']:g} to the null class, EMA {rec['ema']:g}
   (EMA weights are shipped), seed {rec['seed']}. Weights stored as float16 (loaded as float32).
-- Loss (MSE on epsilon, mean of 100 steps): first {rec['first_loss']:.4f}, final {rec['final_loss']:.4f}.
+- Loss (MSE on {"the velocity" if recipe.objective == "flow" else "epsilon"}, mean of 100 steps): first {rec['first_loss']:.4f}, final {rec['final_loss']:.4f}.{_curve(rec)}
 
 ## Reference classifier `{clf_name}`
 {_classifier_section(recipe, clf_stats, at_size)}
@@ -412,9 +508,9 @@ Samples per class: {per_class_n} (seeds 1000..), every sample its own generator.
 
 Per class, {main_eval['sampler']} {main_eval['steps']} steps guidance {main_eval['guidance']:g} (classes 0..{last}):
 {per_class}
-
+{_resolution_section(recipe, evals, real_at or {})}
 Usage: `pipe = fastdiff.eval.reference.load("{name}"); pipe([0, 1, 2], num_inference_steps=20, guidance_scale=3,
-generator=...).images` -> (N, {pipe.denoiser.config.in_channels}, {s}, {s}) in [0, 1];
+generator=...).images` -> (N, {DATASETS[recipe.dataset]['channels']}, {s}, {s}) in [0, 1];
 `fastdiff.eval.reference.load_classifier("{name}")` judges them. One sample (20 steps, guidance 3, batch 1) takes
 {sample_s:.2f} s on this CPU, one thread (median of 3, on the machine as shared during the run).
 

@@ -176,6 +176,13 @@ class FamilySpec:
     control: bool = False
     timestep_arg: str = "timestep"
 
+    def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
+        """The CFG layout of `pipeline`'s class or of the nearest base class listed (a thin subclass that calls
+        its base's `__call__`, such as a reference pipeline over `FluxPipeline`, lays out CFG as the base does)."""
+        if pipeline is None:
+            return None
+        return next((self.pipelines[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in self.pipelines), None)
+
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:
             if re.search(pattern, path):
@@ -239,7 +246,7 @@ class BlockAdapter:
             rows = self.spec.row_branches(self.denoiser, bound)
             if rows is not None:
                 return rows
-        cfg = self.spec.pipelines.get(type(pipeline).__name__) if pipeline is not None else None
+        cfg = self.spec.cfg_layout(pipeline)
         if cfg is None:
             return (UNKNOWN,) * batch
         other = UNCOND if cfg.first == COND else COND
