@@ -1,19 +1,71 @@
-"""Every importable package in the source tree ships in the wheel (setuptools lists them explicitly)."""
+"""The source tree is the import tree: fastdiff.a.b is fastdiff/a/b.py of the checkout (eval/, installed as
+fastdiff.eval, is the one exception until it moves under fastdiff/), a plain checkout on PYTHONPATH imports, and
+every package in the tree ships in the wheel (setuptools lists them explicitly)."""
 
+import importlib
+import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
+TOOL = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+REMAPPED = "fastdiff.eval"  # the only package-dir entry left: eval/ -> fastdiff.eval
 
 
-def test_every_package_is_listed():
-    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(tool["packages"])
-    for package, folder in tool["package-dir"].items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder)
+def _folder(package: str) -> Path:
+    """Where setuptools takes `package` from: its package-dir entry, else the path its dotted name spells."""
+    for name, folder in TOOL.get("package-dir", {}).items():
+        if package == name or package.startswith(name + "."):
+            return ROOT / folder / Path(*package[len(name):].split(".")[1:])
+    return ROOT / Path(*package.split("."))
+
+
+def test_only_eval_is_remapped():
+    assert set(TOOL.get("package-dir", {})) <= {REMAPPED}, TOOL["package-dir"]
+
+
+def test_every_package_is_listed_and_exists():
+    listed = set(TOOL["packages"])
+    for package in listed:
+        assert (_folder(package) / "__init__.py").is_file(), f"{package}: no {_folder(package)}/__init__.py"
+    for top, folder in (("fastdiff", ROOT / "fastdiff"), (REMAPPED, ROOT / "eval")):
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder)
             if "__pycache__" in rel.parts:
                 continue
-            name = ".".join([package, *rel.parts])
+            name = ".".join([top, *rel.parts])
             assert name in listed, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
+
+
+def test_every_module_is_the_file_its_name_spells():
+    """Import every listed package; each fastdiff.* module then loaded lies at fastdiff/<dotted path> of this
+    checkout (a package-dir remap, or a stale install, puts it elsewhere)."""
+    for package in TOOL["packages"]:
+        if not package.startswith(REMAPPED):
+            importlib.import_module(package)
+    loaded = {n: m for n, m in sys.modules.items() if n.startswith("fastdiff.") and not n.startswith(REMAPPED)}
+    assert "fastdiff.kernels.runtime" in loaded and "fastdiff.configs" in loaded
+    for name, module in loaded.items():
+        path = Path(module.__file__).resolve()
+        spelled = ROOT / Path(*name.split("."))
+        assert path in (spelled.with_suffix(".py"), spelled / "__init__.py"), f"{name} is {path}, not under {spelled}"
+
+
+def test_a_plain_checkout_on_pythonpath_imports(tmp_path):
+    """No install: `python -S` reads no .pth file, so the editable finder is not there; site-packages only supplies
+    the dependencies (torch, diffusers)."""
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sorted(paths)])}
+    code = ("import sys, fastdiff, fastdiff.kernels, fastdiff.configs, fastdiff.attention.dispatch\n"
+            "assert not any('editable' in repr(f).lower() for f in sys.meta_path), sys.meta_path\n"
+            "print(fastdiff.__file__, fastdiff.kernels.__file__, ','.join(fastdiff.presets()))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    init, kernels, presets = out.stdout.split()
+    assert Path(init) == ROOT / "fastdiff" / "__init__.py" and Path(kernels) == ROOT / "fastdiff/kernels/__init__.py"
+    assert presets.split(",") == sorted(p.stem for p in (ROOT / "fastdiff" / "configs").glob("*.yaml"))
