@@ -18,10 +18,10 @@ from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, Sp
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, check_run, dense_table, token_patch
 from .cost.model import CostModel
-from .cost.planner import Plan, calibrate, plan
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
 from .integrations.diffusers import find_denoisers, find_parts, latent_dims
 from .mechanisms import registry as _mechanisms
+from .planner import Plan, calibrate, plan
 from .session import ATTR, Session
 
 __version__ = "0.1.0"

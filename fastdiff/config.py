@@ -374,10 +374,8 @@ class SparseConfig:
         for name in ("dense_blocks", "dense_heads"):
             value = getattr(self, name)
             _require(all(i >= 0 for i in value), f"sparse.{name} must be a list of indices >= 0, got {_shown(value)}")
-        from .attention.dispatch import BACKENDS
-
-        _require(self.backend is None or self.backend in BACKENDS,
-                 f"sparse.backend must be None or one of {BACKENDS}, got {_shown(self.backend)}")
+        _require(self.backend is None or self.backend in SPARSE_BACKENDS,
+                 f"sparse.backend must be None or one of {SPARSE_BACKENDS}, got {_shown(self.backend)}")
 
     def strify(self) -> str:
         knob = {"window": f"w{'x'.join(map(str, self.window))}", "crisscross": f"w{'x'.join(map(str, self.window))}",
@@ -393,6 +391,7 @@ def _power_of_two(n: int) -> bool:
 
 SPARSE_PATTERNS = ("window", "crisscross", "topk", "topp")
 SPARSE_METHODS = ("mean", "antidiag")
+SPARSE_BACKENDS = ("triton", "gather", "flex", "sdpa")  # the names fastdiff.attention.dispatch.BACKENDS implements
 
 
 MERGE_METHODS = ("tome", "todo")

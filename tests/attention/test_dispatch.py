@@ -141,3 +141,10 @@ def test_triton_backend_agrees():
     sparse = dispatch.BlockSparse(index.to(device), count.to(device), block)
     got = dispatch.attention(q, k, v, sparse, backend="triton")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_config_names_the_backends_the_dispatch_implements():
+    """config.py validates sparse.backend without importing the dispatch: its list must be the dispatch's."""
+    from fastdiff.config import SPARSE_BACKENDS
+
+    assert SPARSE_BACKENDS == dispatch.BACKENDS

@@ -69,3 +69,26 @@ def test_a_plain_checkout_on_pythonpath_imports(tmp_path):
     init, kernels, presets = out.stdout.split()
     assert Path(init) == ROOT / "fastdiff" / "__init__.py" and Path(kernels) == ROOT / "fastdiff/kernels/__init__.py"
     assert presets.split(",") == sorted(p.stem for p in (ROOT / "fastdiff" / "configs").glob("*.yaml"))
+
+
+def _imported_by(modules: str) -> set[str]:
+    """fastdiff.* modules loaded by importing `modules` in a fresh interpreter, the package's __init__ (the public
+    face, which imports everything) left out: the parent package is a bare module over fastdiff/."""
+    code = ("import sys, types\n"
+            f"pkg = types.ModuleType('fastdiff'); pkg.__path__ = [{str(ROOT / 'fastdiff')!r}]\n"
+            "sys.modules['fastdiff'] = pkg\n"
+            f"import {modules}\n"
+            "from fastdiff.config import FastDiffConfig\n"
+            "FastDiffConfig(sparse={'backend': 'gather'}).validate()\n"
+            "print(' '.join(sorted(n for n in sys.modules if n.startswith('fastdiff.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(out.stdout.split())
+
+
+def test_cost_and_config_sit_below_mechanisms_planner_and_dispatch():
+    cost = sorted(f"fastdiff.cost.{p.stem}" for p in (ROOT / "fastdiff" / "cost").glob("*.py") if p.stem != "__init__")
+    loaded = _imported_by(", ".join(["fastdiff.cost", *cost, "fastdiff.config"]))
+    assert {"fastdiff.cost.model", "fastdiff.cost.estimate", "fastdiff.config", "fastdiff.adapters.base"} <= loaded
+    above = [n for n in loaded if n.split(".")[1] in ("mechanisms", "planner", "session", "attention", "kernels")]
+    assert not above, f"fastdiff.cost / fastdiff.config import {above}"

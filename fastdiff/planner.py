@@ -13,10 +13,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import FastDiffConfig
-from ..errors import ConfigError
-from ..mechanisms.caching.policies import POLICIES
-from .estimate import check_int, check_run
+from .config import FastDiffConfig
+from .cost.estimate import check_int, check_run
+from .errors import ConfigError
+from .mechanisms.caching.policies import POLICIES
 
 SHAPE_KEYS = ("height", "width", "steps", "num_frames", "batch", "cfg", "text_tokens")  # fastdiff.estimate's
 
