@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from fastdiff import tiny
 from fastdiff.integrations.diffusers import find_parts
 
-from . import timing, workloads
+from . import timing, tiny, workloads
 from .outdir import csv_cell
 
 RATIOS = (0.3, 0.5, 0.7)

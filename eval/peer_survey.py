@@ -27,7 +27,7 @@ from . import peers as P
 
 def _run(pipe, kwargs, den, name=None, level=None, target=None) -> tuple[torch.Tensor, dict]:
     """One seeded call, the peer (if any) applied on top of the counters; executions and denoiser FLOPs."""
-    from fastdiff import tiny
+    from . import tiny
 
     with P.counting(den) as counts:
         remove = P.apply_peer(pipe, name, level, call_kwargs=kwargs, target_skip=target) if name else None
@@ -56,7 +56,7 @@ def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 def survey(families, peer_names, steps: int, cfg: bool = True, match: bool = False) -> list[dict]:
     """Rows of (family, peer, level): what it skipped, its PSNR against the plain run, whether removing it restored
     the plain output bit for bit -- or why it does not run.  ``match``: threshold peers at ``LEVEL_TARGETS``."""
-    from fastdiff import tiny
+    from . import tiny
 
     rows = []
     for family in families:
@@ -103,7 +103,7 @@ def _fmt(v):
 
 
 def main(argv=None) -> None:
-    from fastdiff import tiny
+    from . import tiny
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)

@@ -3,7 +3,7 @@
 
 - "ref-digits", "ref-unet", "ref-textures" (the names of `fastdiff.eval.reference`): models this project trained
   (a DiT on digits, a UNet2DConditionModel on digits, a DiT on photograph crops); fidelity numbers mean something.
-- a family name of `fastdiff.tiny` ("dit", "flux", ...): seeded random weights; good for latency and for
+- a family name of `fastdiff.eval.tiny` ("dit", "flux", ...): seeded random weights; good for latency and for
   checking that a method runs, while its fidelity numbers are optimistic — reports say so.
 """
 
@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from fastdiff import tiny
 from fastdiff.integrations.diffusers import find_parts
+
+from . import tiny
 
 
 @dataclass

@@ -25,7 +25,7 @@ _PIPES: dict = {}
 
 
 def _pipe(name):
-    from .test_presets_run import tiny
+    from fastdiff.eval import tiny
 
     if name not in _PIPES:
         pipe = reference.load(name) if name in reference.names() else tiny.build_pipeline(name)

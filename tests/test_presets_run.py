@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
-from fastdiff.eval import reference
+from fastdiff.eval import reference, tiny
 
 from .conftest import module_snapshot
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
 from fastdiff.errors import FastDiffError
+from fastdiff.eval import tiny
 from fastdiff.mechanisms import registry
 from fastdiff.mechanisms.base import Mechanism
 

@@ -6,9 +6,9 @@ import importlib.util
 import pytest
 import torch
 
-from fastdiff import tiny
 from fastdiff.eval import peer_backends as B
 from fastdiff.eval import peers as P
+from fastdiff.eval import tiny
 
 # diffusers' FasterCache calls torch.meshgrid without indexing=: its warning, not ours
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.meshgrid"), pytest.mark.usefixtures("one_thread")]

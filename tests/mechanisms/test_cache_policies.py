@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 from fastdiff.mechanisms.caching import estimators
 
 from ..adapters.test_families import _sample, _seeded, run

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 
 from ..adapters.test_families import _sample, _seeded
 from ..unit.toy import FakePipeline, ToyDenoiser

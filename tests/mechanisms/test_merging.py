@@ -13,10 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastdiff
-from fastdiff import adapters, tiny
+from fastdiff import adapters
 from fastdiff.adapters.base import RopeSpec
 from fastdiff.context import TokenLayout
 from fastdiff.cost.model import CostModel
+from fastdiff.eval import tiny
 from fastdiff.mechanisms import sites
 from fastdiff.mechanisms.merging import merge as merge_mod
 from fastdiff.mechanisms.merging import todo, tome

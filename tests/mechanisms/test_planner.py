@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 
 from ..unit.toy import FakePipeline, ToyDenoiser
 

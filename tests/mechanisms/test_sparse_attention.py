@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff import tiny
 from fastdiff.adapters.base import TokenModule
 from fastdiff.attention import dispatch
 from fastdiff.config import SparseConfig
 from fastdiff.context import RunState, StepContext, TokenLayout
 from fastdiff.errors import ConfigError, FastDiffError, UnsupportedModelError
+from fastdiff.eval import tiny
 from fastdiff.mechanisms.sparse_attention import SparseAttention
 from fastdiff.mechanisms.sparse_attention import patterns as P
 from tests.adapters.test_families import FAMILIES

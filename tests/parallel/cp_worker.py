@@ -15,7 +15,8 @@ import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
 import fastdiff
-from fastdiff import parallel, tiny
+from fastdiff import parallel
+from fastdiff.eval import tiny
 from fastdiff.mechanisms.caching import cache as cache_module
 from fastdiff.mechanisms.caching import policies
 

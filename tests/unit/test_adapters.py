@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import adapters, tiny
+from fastdiff import adapters
+from fastdiff.eval import tiny
 
 from .toy import Double
 

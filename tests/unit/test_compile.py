@@ -6,7 +6,7 @@ import torch._dynamo as dynamo
 from torch._dynamo.utils import counters
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 
 
 def _call(p, steps=3):

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastdiff
-from fastdiff import ConfigError, FastDiffConfig, MergeConfig, TelemetryConfig, load_config, tiny
+from fastdiff import ConfigError, FastDiffConfig, MergeConfig, TelemetryConfig, load_config
 from fastdiff.config import SECTIONS
+from fastdiff.eval import tiny
 
 ATTR = "_fastdiff_session"
 

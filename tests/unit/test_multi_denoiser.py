@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 
 
 def _wan22():

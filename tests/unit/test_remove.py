@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin
 
 import fastdiff
-from fastdiff import tiny
 from fastdiff.attention import dispatch, route
 from fastdiff.errors import FastDiffError
+from fastdiff.eval import tiny
 from fastdiff.hooks import HookSet
 
 SPARSE = {"sparse": {"pattern": "window", "block": 16, "window": [1, 1, 1], "start": 0.0}}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import tiny
+from fastdiff.eval import tiny
 
 from .toy import FakePipeline, ToyDenoiser
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import ConfigError, load_config, tiny
+from fastdiff import ConfigError, load_config
+from fastdiff.eval import tiny
 
 from .toy import FakePipeline, ToyDenoiser
 
