@@ -50,6 +50,9 @@ FASTDIFF = {
     "EasyCache": {lv: {"plan": True, "cache": {"policy": "easycache", "max_skip": m, "warmup": 1}}
                   for lv, m in zip(LEVELS, (2, 4, 8))},
     "CFG skip": {lv: {"guidance": {"mode": "step", "start": s}} for lv, s in zip(LEVELS, (0.7, 0.5, 0.3))},
+    # fastdiff.plan at a FLOPs target, on the policy it tunes by default (EasyCache's threshold)
+    "plan 2x / 3x": {lv: {"plan": t, "cache": {"policy": "easycache", "max_skip": 8, "warmup": 1}}
+                     for lv, t in (("2x", 2.0), ("3x", 3.0))},
     "presets": {lv: {"preset": f"cache-{lv}"} for lv in LEVELS},
 }
 
@@ -61,7 +64,7 @@ FASTDIFF = {
 def run(args) -> list[dict]:
     """Plan the tuned policies and check every method applies, then time them all in one interleaved comparison."""
     wl = workloads.load(args.model, samples=args.samples, steps=args.steps, seed=args.seed)
-    classify = timing.class_accuracy(args.model)
+    classify, frechet = timing.class_accuracy(args.model), timing.frechet_to_real(args.model)
     call = lambda: wl.pipe(**wl.make_kwargs())  # noqa: E731  (the call dynamic policies are tuned on)
     arms = [timing.workload_arm("baseline", wl)]
     meta = {"baseline": dict(method="baseline", level="-", config="baseline", note="")}
@@ -74,11 +77,13 @@ def run(args) -> list[dict]:
             cfg = dict(cfg)
             note = ""
             try:
-                if cfg.pop("plan", False):
+                plan = cfg.pop("plan", False)
+                if plan:
+                    target = TARGETS[level] if plan is True else plan
                     with torch.no_grad():
-                        p = fastdiff.plan(wl.pipe, cfg, target=TARGETS[level], call=call)
+                        p = fastdiff.plan(wl.pipe, cfg, target=target, call=call)
                     cfg = p.config
-                    note = (f"threshold {p.value:.3g}: {p.speedup:.2f}x FLOPs on the tuning call for a {TARGETS[level]}x "
+                    note = (f"threshold {p.value:.3g}: {p.speedup:.2f}x FLOPs on the tuning call for a {target}x "
                             f"target ({p.runs} runs)")
                 preset = cfg.pop("preset", None) if isinstance(cfg, dict) else None
                 cfg = cfg if cfg else None
@@ -108,7 +113,7 @@ def run(args) -> list[dict]:
             row["config"] = json.dumps(s.kwargs, default=str)
             row["note"] += f", skip {s.skip:.2f} (searched)" if s.skip is not None else ""
 
-    rows = timing.result_rows(timed, meta, wl.trained, flops_of, classify, config)
+    rows = timing.result_rows(timed, meta, wl.trained, flops_of, classify, config, frechet)
     for row in rows:
         print(_line(row), flush=True)
     return rows + refused, wl
@@ -170,25 +175,44 @@ def write(rows, wl, args, out: Path) -> None:
                trained=wl.trained)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
     keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
-            "psnr", "ssim", "flops_speedup", "accuracy", "config", "note"]
+            "psnr", "ssim", "flops_speedup", "accuracy", "fd_real", "config", "note"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     lines = [f"# Caching benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "", TIMING_NOTE, "",
              "| method | level | time s ± spread | speedup [per-round range] | PSNR dB | SSIM | FLOPs x | class acc | "
-             "config / note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "FD (clf) | config / note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "time_s" not in r:
-            lines.append(f"| {r['method']} | {r['level']} | - | - | - | - | - | - | {r['note']} |")
+            lines.append(f"| {r['method']} | {r['level']} | - | - | - | - | - | - | - | {r['note']} |")
             continue
         fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
         acc = f"{r['accuracy']:.2f}" if "accuracy" in r else "-"
+        fd = f"{r['fd_real']:.1f}" if "fd_real" in r else "-"
         lines.append(f"| {r['method']} | {r['level']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | `{r['config']}` {r.get('note', '')} |")
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {fl} | {acc} | {fd} | `{r['config']}` {r.get('note', '')} |")
+    lines += ["", *best_table(rows)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     pareto(rows, out / "pareto.png", wl)
+
+
+def best_table(rows, floors=(30.0, 25.0)) -> list[str]:
+    """Each method's best measured speedup among its rows with PSNR at or above each floor (reliable timings only:
+    a flagged row is not a result)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if "time_s" in r and r["method"] != "baseline"))
+    out = ["Best reliable speedup per method at a PSNR floor (same run; '-': no row reaches the floor):", "",
+           "| method | " + " | ".join(f"PSNR >= {f:g} dB" for f in floors) + " |",
+           "|---|" + "---|" * len(floors)]
+    for m in methods:
+        cells = []
+        for f in floors:
+            ok = [r for r in rows if r["method"] == m and "time_s" in r and r["reliable"] and r["psnr"] >= f]
+            best = max(ok, key=lambda r: r["speedup"], default=None)
+            cells.append("-" if best is None else f"{best['speedup']:.2f}x ({best['level']}, {best['psnr']:.1f} dB)")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
 
 
 def pareto(rows, path: Path, wl) -> None:

@@ -58,11 +58,16 @@ def cfg_mode(pipe, call_kwargs: dict | None) -> str | None:
         return "separate" if (arg("true_cfg_scale") or 1.0) > 1 and has_neg else "none"
     if (arg("guidance_scale") or 1.0) <= 1:
         return "none"
+    return "separate" if any('cache_context("uncond"' in _source(c.__dict__["__call__"])
+                             for c in type(pipe).__mro__ if "__call__" in c.__dict__) else "batched"
+
+
+def _source(fn) -> str:
+    """The source of a pipeline's `__call__` (a thin subclass's calls its base's: every class along the MRO is read)."""
     try:
-        source = inspect.getsource(type(pipe).__call__)
+        return inspect.getsource(fn)
     except (OSError, TypeError):
-        source = ""
-    return "separate" if 'cache_context("uncond"' in source else "batched"
+        return ""
 
 
 def steps(call_kwargs: dict | None) -> int | None:
@@ -371,14 +376,16 @@ def check_cache_dit(pipe) -> str | None:
 
 
 def _cache_dit_family(pipe) -> str | None:
-    """cache-dit keys its adapters by pipeline class name; a custom pipeline around a DiT denoiser (our reference
-    models) gets cache-dit's own "DiT" adapter, which checks the transformer class itself."""
+    """cache-dit keys its adapters by pipeline class name; a custom pipeline around a denoiser cache-dit knows (our
+    reference models) gets cache-dit's own adapter of that denoiser's family, which checks the transformer class."""
     from cache_dit import BlockAdapterRegister
 
-    den = getattr(pipe, "transformer", None)
-    if type(den).__name__ == "DiTTransformer2DModel" and "DiT" in BlockAdapterRegister._adapters:
-        return "DiT"
-    return None
+    family = _CACHE_DIT_FAMILIES.get(type(getattr(pipe, "transformer", None)).__name__)
+    return family if family in BlockAdapterRegister._adapters else None
+
+
+# denoiser class -> cache-dit's adapter for its stock pipeline
+_CACHE_DIT_FAMILIES = {"DiTTransformer2DModel": "DiT", "FluxTransformer2DModel": "Flux"}
 
 
 def install_cache_dit(pipe, kw, call_kwargs, taylorseer: bool = False):

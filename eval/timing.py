@@ -158,10 +158,12 @@ def fields(base: Timing, arm: Timing, bound: float | None = None) -> dict:
 
 
 def result_rows(timed: dict, meta: dict, trained: bool, flops_of: Callable[[str, Any], float | None],
-                classify: Callable | None = None, extra: Callable[[str, Timing, dict], None] | None = None) -> list[dict]:
+                classify: Callable | None = None, extra: Callable[[str, Timing, dict], None] | None = None,
+                frechet: Callable | None = None) -> list[dict]:
     """One result row per timed arm against the arm named "baseline": `meta[name]`, the timing columns, the FLOPs
     bound `flops_of(name, summary)`, PSNR/SSIM over the baseline's value range ([0, 1] for trained references), a
-    benchmark's own columns (`extra(name, arm, row)`), then class accuracy when a classifier is given."""
+    benchmark's own columns (`extra(name, arm, row)`), then class accuracy when a classifier is given and the
+    Fréchet distance to held-out real images in the classifier's features (`frechet`, see `frechet_to_real`)."""
     from . import metrics
 
     base = timed["baseline"].output
@@ -175,8 +177,30 @@ def result_rows(timed: dict, meta: dict, trained: bool, flops_of: Callable[[str,
             extra(name, t, row)
         if classify:
             row["accuracy"] = classify(t.output)
+        if frechet:
+            row["fd_real"] = frechet(t.output)
         rows.append(row)
     return rows
+
+
+def frechet_to_real(model: str):
+    """images -> Fréchet distance between their reference-classifier features and the held-out real images' (the
+    model's data set at its size), for a trained reference model; else None. Few samples bias it upwards: compare
+    rows of one run (the baseline row is the floor), not runs of different sizes."""
+    from . import metrics, workloads
+
+    reference = workloads._reference()
+    if reference is None or model not in reference.names():
+        return None
+    clf = reference.load_classifier(model)
+    with torch.no_grad():
+        real = clf.features(reference.held_out(model)[0])
+
+    def fd(images):
+        with torch.no_grad():
+            return metrics.frechet_distance(clf.features(images), real)
+
+    return fd
 
 
 def time_cell(row: dict) -> str:
