@@ -48,7 +48,7 @@ def load(name: str, *, samples: int, steps: int, seed: int = 0, guidance: float 
         denoiser = type(find_parts(pipe)[1]).__name__
         return Workload(name, pipe, make, lambda out: out.images, True,
                         f"{name} ({denoiser} trained by fastdiff), {samples} samples (classes 0-{classes - 1} cycled), "
-                        f"{steps} steps, CFG {scale}, DPMSolver++", samples=samples)
+                        f"{steps} steps, CFG {scale}, {type(pipe.scheduler).__name__}", samples=samples)
     if name in tiny.FAMILIES:
         pipe = tiny.build_pipeline(name)
 
