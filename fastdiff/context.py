@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,6 +30,14 @@ class TokenLayout:
     def image_tokens(self) -> int:
         f, h, w = self.grid
         return f * h * w
+
+
+def level_grid(grid: tuple[int, int, int], level: int) -> tuple[int, int, int]:
+    """The token grid at UNet resolution level `level` (0 = the latent grid)."""
+    f, h, w = grid
+    for _ in range(level):  # stride-2 convs with padding 1 round up
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return f, h, w
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import GLOBAL, IMAGE, JOINT, TEXT, BlockAdapter
-from ..context import TokenLayout
+from ..context import TokenLayout, level_grid
 from ..errors import UnsupportedModelError
 
 
@@ -67,14 +67,6 @@ class Term:
     level: int = 0
     q_streams: tuple[str, ...] = ()
     kv_streams: tuple[str, ...] = ()
-
-
-def level_grid(grid: tuple[int, int, int], level: int) -> tuple[int, int, int]:
-    """The token grid at UNet resolution level `level` (0 = the latent grid)."""
-    f, h, w = grid
-    for _ in range(level):  # stride-2 convs with padding 1 round up
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return f, h, w
 
 
 def tokens(stream: str, layout: TokenLayout, level: int = 0, image: int | None = None) -> int:

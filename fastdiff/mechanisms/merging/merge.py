@@ -33,7 +33,8 @@ import torch
 
 from ... import parallel
 from ...adapters.base import RopeSpec, TokenModule, specs
-from ...cost.model import Reduction, level_grid
+from ...context import level_grid
+from ...cost.model import Reduction
 from ...errors import FastDiffError, UnsupportedModelError
 from ...parallel import PER_TOKEN
 from .. import sites as _sites

@@ -29,7 +29,8 @@ import torch
 from ... import parallel
 from ...adapters.base import specs
 from ...attention import dispatch, route
-from ...cost.model import Reduction, level_grid
+from ...context import level_grid
+from ...cost.model import Reduction
 from ...errors import ConfigError, FastDiffError, UnsupportedModelError
 from ...parallel import PER_TOKEN
 from .. import sites as _sites
