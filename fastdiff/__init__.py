@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import adapters
+from .adapters.base import CfgLayout, register_pipeline
 from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
 from .cost.estimate import Estimate, check_run, dense_table, token_patch
@@ -27,9 +28,9 @@ from .session import ATTR, Session
 __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported",
-    "session_of",
+    "session_of", "register_pipeline",
     "FastDiffConfig", "TelemetryConfig", "MergeConfig", "SparseConfig", "CacheConfig", "GuidanceConfig", "Session",
-    "StepContext", "TokenLayout",
+    "StepContext", "TokenLayout", "CfgLayout",
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 
@@ -104,7 +105,7 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
         raise UnsupportedModelError(
             f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "
             f"CFG branches (the '{parts[0][2].name}' adapter knows {sorted(parts[0][2].spec.pipelines)}); "
-            "drop the guidance section or add the pipeline's CfgLayout to the adapter")
+            "drop the guidance section or register the pipeline's layout (fastdiff.register_pipeline)")
     session = Session(parts, cfg.for_family(parts[0][2].name), pipeline=pipeline, scheduler=scheduler)
     session.attach()
     return session

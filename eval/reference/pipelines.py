@@ -9,7 +9,8 @@ adapters see what they see on real models:
 - `ClassUNetPipeline` (a `UNet2DConditionModel`): as `StableDiffusionPipeline` — the class is a learned sequence of
   embeddings passed as `encoder_hidden_states` (where SD passes CLIP text states) into the cross-attentions; one
   batched call, unconditional half first (the null class's embeddings), `do_classifier_free_guidance` says
-  whether CFG is on. The UNet adapter knows this layout by pipeline class name, as it knows SD's (registered below).
+  whether CFG is on. This module registers that layout (`fastdiff.register_pipeline`, below): the UNet adapter
+  lists only diffusers' own pipelines.
 
 Swap samplers the diffusers way: `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
 """
@@ -30,6 +31,8 @@ from diffusers import (
 from diffusers.configuration_utils import register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+
+import fastdiff
 
 
 class ClassEmbedding(ModelMixin, ConfigMixin):
@@ -173,6 +176,10 @@ class ClassUNetPipeline(_ClassPipeline):
             eps = uncond + self._guidance_scale * (cond - uncond)
         return eps
 
+
+# StableDiffusionPipeline's CFG layout (one batched call, unconditional half first, do_classifier_free_guidance),
+# registered here because the UNet adapter lists the diffusers pipelines only.
+fastdiff.register_pipeline(ClassUNetPipeline, fastdiff.CfgLayout("batched", "uncond"), family="unet")
 
 
 class ClassFluxPipeline(FluxPipeline):

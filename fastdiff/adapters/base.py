@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..context import COND, UNCOND, UNKNOWN, TokenLayout
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 # Token streams a linear/conv layer can act on (cost model): per image token (at UNet level k: "image@k"),
 # per text token, both concatenated, or once per sample (timestep/pooled embeddings, adaLN).
@@ -279,6 +279,41 @@ def register(spec: FamilySpec) -> FamilySpec:
     for cls in spec.classes:
         _REGISTRY[cls] = spec
     return spec
+
+
+CFG_MODES = ("batched", "separate")
+
+
+def register_pipeline(pipeline: type | str, layout: CfgLayout, *, family: str) -> None:
+    """Say how a pipeline class lays out classifier-free guidance for the denoisers of `family`, so that a pipeline
+    defined outside the adapters (a subclass or a pipeline of one's own) gets each row's branch (guidance skipping
+    needs it). `pipeline` is the class or its name; a subclass of it is matched too (`FamilySpec.cfg_layout`).
+
+        fastdiff.register_pipeline(MyPipeline, fastdiff.CfgLayout("batched", "uncond"), family="unet")
+
+    Registering a pipeline again with the same layout changes nothing; with another one it raises ConfigError, as
+    does any bad argument (the message names what is accepted)."""
+    families = sorted({s.name for s in specs() if not s.control})
+    if family not in families:
+        raise ConfigError(f"register_pipeline: family {family!r:.60} is not a registered denoiser family; "
+                          f"families: {families}")
+    name = pipeline.__name__ if isinstance(pipeline, type) else pipeline
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"register_pipeline: pipeline must be a pipeline class or its class name, got {pipeline!r:.60}")
+    if not isinstance(layout, CfgLayout):
+        raise ConfigError(f"register_pipeline: layout must be a CfgLayout(mode, first, flag), got "
+                          f"{type(layout).__name__}")
+    if layout.mode not in CFG_MODES or layout.first not in (COND, UNCOND) or \
+            not (layout.flag is None or isinstance(layout.flag, str) and layout.flag.isidentifier()):
+        raise ConfigError(f"register_pipeline: {layout!r:.120} is not a CFG layout: mode must be one of {CFG_MODES}, "
+                          f"first one of {(COND, UNCOND)}, flag None or a pipeline attribute name")
+    targets = [s for s in specs() if s.name == family]
+    for spec in targets:
+        known = spec.pipelines.get(name)
+        if known is not None and known != layout:
+            raise ConfigError(f"register_pipeline: {name} is already registered for '{family}' as {known}, not {layout}")
+    for spec in targets:
+        spec.pipelines[name] = layout
 
 
 def specs() -> list[FamilySpec]:

@@ -52,8 +52,7 @@ SPEC = register(FamilySpec(
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
         "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
         "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
-        "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline",
-        "ClassUNetPipeline")},  # the last: fastdiff's reference UNet pipeline (eval/reference), SD's CFG layout
+        "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline")},
     text_tokens=77,
     text_position="cross",
     # the BasicTransformerBlocks inside each level's Transformer2DModel (`attentions.i.transformer_blocks.j`)
