@@ -34,9 +34,6 @@ __all__ = [
     "Estimate", "Plan", "FastDiffError", "ConfigError", "UnsupportedModelError",
 ]
 
-Handle = Session
-
-
 def presets() -> list[str]:
     """Names of the presets shipped in configs/."""
     return sorted(p.name[:-5] for p in resources.files("fastdiff.configs").iterdir() if p.name.endswith(".yaml"))

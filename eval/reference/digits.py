@@ -19,7 +19,6 @@ from .pipelines import ClassDiTPipeline
 from .recipe import SCHEDULER_CONFIG, Recipe, build_scheduler
 
 NAME = "ref-digits"
-DigitsPipeline = ClassDiTPipeline  # its name before the pipeline served other data sets
 
 # 6 blocks x 4 heads x 32 dims over 8x8 = 64 tokens: trains in ~23 min on one CPU thread; head dim 32
 # keeps it friendly to attention kernels. out_channels=1: epsilon only, no learned variance.
@@ -28,8 +27,8 @@ TRANSFORMER_CONFIG = dict(
     sample_size=SIZE, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
 )
 
-__all__ = ["NAME", "RECIPE", "SCHEDULER_CONFIG", "TRANSFORMER_CONFIG", "DigitsPipeline", "build_scheduler",
-           "build_transformer", "load"]
+__all__ = ["NAME", "RECIPE", "SCHEDULER_CONFIG", "TRANSFORMER_CONFIG", "build_scheduler", "build_transformer",
+           "load"]
 
 
 def build_transformer(config: dict | None = None) -> DiTTransformer2DModel:
