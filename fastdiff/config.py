@@ -235,9 +235,9 @@ class MergeConfig:
             with a mask-taking processor (DiT, PixArt, the SD UNets); refused elsewhere. Negligible FLOPs, but on
             GPUs a float mask rules out SDPA's flash backend.
         share: tome: how far one matching reaches. "block" — every transformer block matches its own input (as
-            tomesd): on the trained ref-unet 51 dB against 39 dB for "level" at ratio 0.3, same speed. "level" — one
-            matching per token grid and call, shared by every block on that grid (fewer matchings; fine within one
-            DiT stack, but a UNet's encoder and decoder then share a matching made from the encoder's input).
+            tomesd). "level" — one matching per token grid and call, shared by every block on that grid (fewer
+            matchings; fine within one DiT stack, but a UNet's encoder and decoder then share a matching made from
+            the encoder's input, further from the unmerged output: eval/results/merge-ref-unet).
     """
 
     method: str = "tome"

@@ -48,7 +48,7 @@ def gathered(q, k, v, kv_index, kv_count, block: int, scale: float | None = None
     out = q.new_zeros(b * h * qb, block, dv)
     counts = count.tolist()
     # buckets by list length rounded up to an eighth of the longest list: at most 8 widths (few SDPA calls) and
-    # at most 1/8 of the longest list padded per row (a power-of-two rounding measured up to 1.7x slower)
+    # at most 1/8 of the longest list padded per row (rounding up to a power of two pads up to half of a list)
     grain = max(1, math.ceil(max(counts, default=0) / 8))
     buckets: dict[int, list[int]] = {}
     for row, c in enumerate(counts):
