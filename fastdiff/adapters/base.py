@@ -130,6 +130,22 @@ BASIC_TRANSFORMER_BLOCK = (
 
 
 @dataclass(frozen=True)
+class ResampleSpec:
+    """How a family's latents change resolution inside a run (resolution-bottleneck sampling).
+
+    Args:
+        packing: latent patch side the pipeline packs into one token before the denoiser (FLUX: 2, latents
+            (B, tokens, C * 2 * 2)); 1: the denoiser takes (..., H, W) latents and patches them itself.
+        positions: (bound call arguments, (h, w) token grid) -> the call arguments that carry token positions for
+            that grid, for families whose pipeline passes positions in (FLUX `img_ids`); None: the model derives
+            them from the latent shape (SD3's cropped position table, Wan's and HunyuanVideo's RoPE).
+    """
+
+    packing: int = 1
+    positions: Callable[[dict, tuple[int, int]], dict] | None = None
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything fastdiff knows about one denoiser family, as data.
 
@@ -156,6 +172,8 @@ class FamilySpec:
         timestep_arg: name of the timestep input of the denoiser's forward (the clock reads it).
         control: a control network (ControlNet) that a pipeline calls beside its denoiser: its calls are
             accounted in summaries, never accelerated, and it is not a denoiser fastdiff applies to.
+        resample: how its latents change resolution (ResampleSpec); None: resolution-bottleneck sampling is
+            not supported for the family.
     """
 
     name: str
@@ -175,6 +193,7 @@ class FamilySpec:
     attention: tuple[TokenSite, ...] = ()
     control: bool = False
     timestep_arg: str = "timestep"
+    resample: ResampleSpec | None = None
 
     def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
         """The CFG layout of `pipeline`'s class or of the nearest base class listed (a thin subclass that calls

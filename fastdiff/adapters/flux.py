@@ -1,7 +1,19 @@
 """FluxTransformer2DModel: double-stream blocks, then single-stream blocks over [text, image] tokens."""
 
 from ..context import COND, TokenLayout
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, RopeSpec, TokenModule, TokenSite, register
+import torch
+
+from .base import (
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    ResampleSpec,
+    RopeSpec,
+    TokenModule,
+    TokenSite,
+    register,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -19,6 +31,18 @@ def _layout(denoiser, bound):
     text = bound.get("encoder_hidden_states")
     n_text = 0 if text is None else text.shape[1]
     return TokenLayout(grid, n_text, "first" if n_text else "none")
+
+
+def _positions(bound, grid):
+    # img_ids for an (h, w) token grid: (0, row, col) per token, row-major, as FluxPipeline builds them
+    ids = bound["img_ids"]
+    base = ids[0] if ids.ndim == 3 else ids
+    h, w = grid
+    new = base.new_zeros(h * w, 3)
+    new[:, 0] = base[0, 0]
+    new[:, 1] = torch.arange(h, device=base.device).repeat_interleave(w).to(base.dtype)
+    new[:, 2] = torch.arange(w, device=base.device).repeat(h).to(base.dtype)
+    return {"img_ids": new.expand(ids.shape[0], -1, -1) if ids.ndim == 3 else new}
 
 
 SPEC = register(FamilySpec(
@@ -41,6 +65,7 @@ SPEC = register(FamilySpec(
                ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")},
     text_tokens=512,
     text_position="first",
+    resample=ResampleSpec(packing=2, positions=_positions),
     # RoPE (cos, sin), each (text + image positions, dim), covers [text; image]. Double blocks pass text and image
     # separately; single blocks concatenate [text; image] before attention (their MLP is a bare Linear on the
     # joint sequence, outside any wrappable submodule, so only their attention is merged).

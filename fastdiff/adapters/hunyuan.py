@@ -6,6 +6,7 @@ from .base import (
     CfgLayout,
     FamilySpec,
     IOPattern,
+    ResampleSpec,
     RopeSpec,
     TokenModule,
     TokenSite,
@@ -39,6 +40,8 @@ SPEC = register(FamilySpec(
     pipelines={"HunyuanVideoPipeline": CfgLayout("separate", COND, flag=None)},
     text_tokens=256,
     text_position="last",
+    # (B, C, F, H, W) latents; RoPE from the latent shape (frames kept, height and width resampled)
+    resample=ResampleSpec(),
     # Both block kinds call attention with video tokens and text separately (keys [video; text]), RoPE over the
     # video positions, and a (batch, 1, 1, video + text) key mask. The single blocks' MLP is a bare Linear on
     # the joint sequence outside any wrappable submodule: only their attention is merged.

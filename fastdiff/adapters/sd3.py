@@ -1,7 +1,18 @@
 """SD3Transformer2DModel (MMDiT): joint blocks, image tokens then text tokens in attention."""
 
 from ..context import UNCOND
-from .base import BlockList, CfgLayout, FamilySpec, IOPattern, TokenModule, TokenSite, patch_grid, register, tensor_layout
+from .base import (
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    ResampleSpec,
+    TokenModule,
+    TokenSite,
+    patch_grid,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -23,6 +34,8 @@ SPEC = register(FamilySpec(
                ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")},
     text_tokens=333,
     text_position="last",
+    # (..., H, W) latents, patched inside; its position table is cropped to the grid
+    resample=ResampleSpec(),
     # joint attention: image tokens in hidden_states, text in encoder_hidden_states, projected together (no
     # separate key input); SD3.5's attn2 is a second, image-only self-attention; ff is the image MLP.
     attention=(TokenSite(r"^transformer_blocks\.\d+$", (

@@ -6,6 +6,7 @@ from .base import (
     CfgLayout,
     FamilySpec,
     IOPattern,
+    ResampleSpec,
     RopeSpec,
     TokenModule,
     TokenSite,
@@ -33,6 +34,8 @@ SPEC = register(FamilySpec(
     pipelines={name: CfgLayout("separate", COND, flag=None) for name in ("WanPipeline", "WanImageToVideoPipeline")},
     text_tokens=512,
     text_position="cross",
+    # (B, C, F, H, W) latents; RoPE from the latent shape (frames kept, height and width resampled)
+    resample=ResampleSpec(),
     # RoPE (cos, sin), each (1, video positions, 1, dim): a broadcast batch dim, so per-row gathers batch.
     attention=(TokenSite(r"^blocks\.\d+$", (
         TokenModule("attn1", "self_attention", rope=RopeSpec("rotary_emb", seq_dim=1, batch_dim=0)),
