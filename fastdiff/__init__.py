@@ -17,7 +17,7 @@ from . import adapters
 from .adapters.base import CfgLayout, register_pipeline
 from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
-from .cost.estimate import Estimate, check_run, dense_table, token_patch
+from .cost.estimate import Estimate, check_run, check_stages, dense_table, schedule, token_patch
 from .cost.model import CostModel
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
 from .integrations.diffusers import find_denoisers, find_parts, latent_dims
@@ -143,9 +143,10 @@ def accelerated(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None
         session.remove()
 
 
-def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: int, steps: int,
-             num_frames: int | None = None, batch: int = 1, cfg: bool = True, text_tokens: int | None = None,
-             preset: str | None = None, **overrides) -> Estimate:
+def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = None, width: int | None = None,
+             steps: int | None = None, num_frames: int | None = None, batch: int = 1, cfg: bool = True,
+             text_tokens: int | None = None, stages: list[dict] | None = None, preset: str | None = None,
+             **overrides) -> Estimate:
     """Predicted FLOPs of one sampling run with `config` against the dense baseline. Runs no model.
 
     `height`/`width` (and `num_frames`) are the output size a pipeline call would be given; they are turned into
@@ -153,9 +154,15 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: i
     For a bare denoiser there is no VAE to know of: they are the latent sizes it is called on (before any packing,
     e.g. Flux's 2x2), and `num_frames` the latent frames. Sizes that make no whole token grid are refused (ConfigError
     naming the multiple needed), as are non-positive, non-int or bool sizes, steps and batch.
+
+    `stages` prices a run of several stages (`Session.begin_stage`), e.g. resolution-bottleneck sampling:
+    `[{"height": 256, "width": 256, "steps": 4}, {"height": 512, "width": 512, "steps": 4}]` (each may give
+    `num_frames`), in place of height/width/steps; the global step counts on across them and step-fraction schedules
+    read it against the run's steps, as in a run whose driver gave `run_steps`.
     """
-    check_run(height=height, width=width, steps=steps, num_frames=num_frames, batch=batch, cfg=cfg,
-              text_tokens=text_tokens)
+    stages = check_stages(stages, height=height, width=width, steps=steps, num_frames=num_frames)
+    for stage in stages:
+        check_run(**stage, batch=batch, cfg=cfg, text_tokens=text_tokens)
     config = load_config(config, preset=preset, **overrides)
     pipeline, denoiser, _ = find_parts(pipe_or_denoiser)
     adapter = adapters.resolve(denoiser)
@@ -163,12 +170,15 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int, width: i
     model = CostModel(adapter)
     spec = adapter.spec
     patch = token_patch(spec.latent_grid, denoiser.config)
-    grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, height, width, num_frames, patch))
     n_text = spec.text_tokens if text_tokens is None else text_tokens
-    layout = TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position)
-    dense = dense_table(model, layout, steps, 2 if cfg else 1, batch)
+    layouts = []
+    for st in stages:
+        grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, st["height"], st["width"], st["num_frames"], patch))
+        layouts.append((TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position), st["steps"]))
+    dense = dense_table(model, schedule(layouts, batch, cfg))
     table = dense
     for mechanism in _mechanisms.build(config):
         mechanism.validate(adapter)  # what apply() would refuse, estimate refuses too
         table = mechanism.estimate_cost(table)
-    return Estimate(table.flops, dense.flops, layout, steps, dense.calls_per_step, batch)
+    return Estimate(table.flops, dense.flops, layouts[-1][0], sum(n for _, n in layouts), 2 if cfg else 1, batch,
+                    tuple(layouts))

@@ -1,4 +1,4 @@
-"""What every mechanism sees of the sampling loop: StepContext (this call) and RunState (this run)."""
+"""What every mechanism sees of the sampling loop: StepContext (this call) and RunState (what a run keeps)."""
 
 from __future__ import annotations
 
@@ -44,14 +44,22 @@ def level_grid(grid: tuple[int, int, int], level: int) -> tuple[int, int, int]:
 class StepContext:
     """One denoiser call, as the step clock saw it.
 
+    A run (one image or video) has one or more stages: a driver (e.g. resolution-bottleneck sampling) begins each
+    stage after the first with `Session.begin_stage`; a stage may change the latent size and the timestep schedule.
+    Steps count on across stages: `step` is the run's (global) step, `stage_step` the step within the stage.
+
     Args:
-        run: index of the sampling run (pipeline call) since apply; bumps on every reset.
-        step: denoising step index within the run, from 0.
-        num_steps: steps in the run when known (from the scheduler), else None.
+        run: index of the sampling run (pipeline call, or a driver's stages) since apply; bumps on every reset.
+        step: denoising step index within the run, from 0, continuing across stages.
+        num_steps: steps in the run when known (the driver's `run_steps`, else the steps known so far: the stages
+            before this one plus this stage's), else None.
         timestep: the timestep value passed to the denoiser (first sample's).
         call: index of this denoiser call within the step (separate cond/uncond calls give 0, 1).
         branches: one label per batch row: "cond", "uncond" or "?" when the pipeline does not say.
         layout: token grid and text tokens of this call.
+        stage: index of the stage within the run, from 0.
+        stage_start: the run's step at which this stage began.
+        stage_steps: steps in this stage when known (the driver's, or the scheduler's for the stage), else None.
     """
 
     run: int
@@ -60,33 +68,54 @@ class StepContext:
     timestep: float
     call: int
     branches: tuple[str, ...]
-    layout: TokenLayout
+    layout: TokenLayout | None
+    stage: int = 0
+    stage_start: int = 0
+    stage_steps: int | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.branches)
 
     @property
-    def is_last_step(self) -> bool:
-        return self.num_steps is not None and self.step == self.num_steps - 1
+    def stage_step(self) -> int:
+        """The step within the stage, from 0."""
+        return self.step - self.stage_start
+
+    @property
+    def grid(self) -> tuple[int, int, int] | None:
+        return None if self.layout is None else self.layout.grid
 
 
 @dataclass
 class RunState:
-    """Per-run, per-call (branch), per-mechanism state. Rows within a call are the mechanism's business.
+    """The state the mechanisms of one denoiser keep across the calls of a run: one object per (mechanism, call
+    slot, token grid), so concurrent branches, call slots and resolutions never share one.
 
-    `slot(name, call, factory)` returns the state object that mechanism `name` keeps for denoiser call
-    `call` of each step, creating it with `factory()` on first use. `reset()` drops everything: the
-    clock calls it at the start of every sampling run, and `fastdiff.reset(pipe)` calls it explicitly.
+    `get(name, slot, grid, factory)` returns it, creating it with `factory()` on first use. The stage rule
+    (`enter_stage`): a stage on another token grid than the last drops the state of every other grid — what was
+    measured or cached on one grid (residuals, patterns, metrics, guidance deltas) is never reused on another — and a
+    stage on the same grid keeps it (steps count on, so step distances stay right). `reset()` drops everything: the
+    session calls it at the start of every sampling run, and `fastdiff.reset(pipe)` calls it explicitly.
     """
 
-    slots: dict[tuple[str, int], Any] = field(default_factory=dict)
+    states: dict[tuple[str, int, Any], Any] = field(default_factory=dict)
+    stage: tuple[int, int] = (-1, 0)  # (run, stage) last entered
 
-    def slot(self, name: str, call: int, factory: Callable[[], Any]) -> Any:
-        key = (name, call)
-        if key not in self.slots:
-            self.slots[key] = factory()
-        return self.slots[key]
+    def get(self, name: str, slot: int, grid: Any, factory: Callable[[], Any]) -> Any:
+        key = (name, slot, grid)
+        if key not in self.states:
+            self.states[key] = factory()
+        return self.states[key]
+
+    def of(self, name: str) -> list[Any]:
+        """Every state mechanism `name` keeps now."""
+        return [s for (n, _, _), s in self.states.items() if n == name]
+
+    def enter_stage(self, run: int, stage: int, grid: Any) -> None:
+        if (run, stage) != self.stage:
+            self.stage = (run, stage)
+            self.states = {k: v for k, v in self.states.items() if k[2] == grid}
 
     def reset(self) -> None:
-        self.slots.clear()
+        self.states.clear()

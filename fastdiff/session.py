@@ -218,6 +218,29 @@ class Session:
             run.drop_state()
             run.clock.reset()
 
+    # -- stages -------------------------------------------------------------------------------------
+    def begin_stage(self, num_steps: int | None = None, *, run_steps: int | None = None, new_run: bool = False) -> None:
+        """A driver's signal: the calling thread's next denoiser call begins a stage of the run in progress — one run
+        whose stages may change the latent size and the timestep schedule (resolution-bottleneck sampling).
+
+        The stage's first call opens it whatever else it signals (a new latent shape, the pipeline's new
+        `set_timesteps`, a timestep above the last): the run goes on, its records (and so `summary()`) keep every
+        stage, and the global step continues (`StepContext.step`; `stage_step` counts within the stage). Per-call
+        state follows the stage rule of `RunState` (a stage on another token grid starts afresh).
+
+        Args:
+            num_steps: the stage's steps; default: what the pipeline's scheduler sets for it (a bare denoiser: None).
+            run_steps: the run's steps over all its stages. Step-fraction schedules (cache warm-up/cool-down, merge
+                start/stop, sparse start, guidance start) read the global step against the run's steps: give it with
+                the first stage so that every stage reads the same schedule. Default: the stages so far plus this one.
+            new_run: this stage is the first of a new run (a driver starting a run, e.g. to give `run_steps`);
+                without it, and with no run in progress, the next call opens a run as any call would.
+        """
+        for name, value in (("num_steps", num_steps), ("run_steps", run_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FastDiffError(f"begin_stage: {name} must be a positive int or None, got {value!r}")
+        self._run_here().clock.begin_stage(num_steps, run_steps, bool(new_run))
+
     # -- per caller ---------------------------------------------------------------------------------
     def _run_here(self) -> Run:
         run = getattr(self._local, "run", None)
@@ -276,6 +299,7 @@ class Session:
         if new_run:
             run.drop_state()
             run.records = []
+        run.state(part.name).enter_stage(ctx.run, ctx.stage, ctx.grid)  # the stage rule: see RunState
         for rec in run.pending:  # the step's ControlNet calls came just before this one
             rec.ctx = dataclasses.replace(ctx, call=-1, layout=rec.ctx.layout, branches=rec.ctx.branches)
         run.records += run.pending

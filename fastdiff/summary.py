@@ -24,6 +24,8 @@ class StepRow:
     flops: float | None
     dense_flops: float | None
     decisions: list[str] = field(default_factory=list)  # per call: what the mechanisms decided, e.g. "cache=reuse"
+    stage: int = 0  # the stage of the run the step belongs to (`step` is the run's, counting on across stages)
+    stage_step: int = 0  # the step within its stage
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Summary:
     # Context parallelism (fastdiff.parallel): the ranks the tokens are sharded over. `flops` are the whole model's,
     # on every rank alike (decisions agree); each rank computes its 1/ranks share of them (`flops_per_rank`).
     ranks: int = 1
+    stages: int = 1  # stages of the run (`Session.begin_stage`); per_step holds every stage's steps
 
     @property
     def flops_per_rank(self) -> float | None:
@@ -92,7 +95,8 @@ class Summary:
             row = rows.get(ctx.step)
             if row is None:
                 row = rows[ctx.step] = StepRow(ctx.step, ctx.timestep, 0, [], None, None, 0 if tracked else None,
-                                               0, 0.0 if have_cost else None, 0.0 if have_cost else None)
+                                               0, 0.0 if have_cost else None, 0.0 if have_cost else None,
+                                               stage=ctx.stage, stage_step=ctx.stage_step)
                 if ctx.layout is not None:
                     row.image_tokens, row.text_tokens = ctx.layout.image_tokens, ctx.layout.text_tokens
             if not part.control:  # a ControlNet's calls add FLOPs, not denoiser calls
@@ -121,19 +125,21 @@ class Summary:
             mechanisms={(f"{p.name}:" if named else "") + m.name: r
                         for p in parts.values() for m in p.mechanisms if (r := m.report())},
             ranks=ranks,
+            stages=last.stage + 1 if last else 1,
         )
 
     def __str__(self) -> str:
         head = (f"fastdiff summary: {self.model} ({self.family}), config {self.config}, run {self.run}: "
-                f"{self.steps} steps, {self.calls} denoiser calls")
-        lines = [head, f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} {'blocks':>9} "
+                f"{self.steps} steps, {self.calls} denoiser calls" + (f", {self.stages} stages" if self.stages > 1 else ""))
+        staged = self.stages > 1
+        lines = [head, ("stage " if staged else "") + f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} {'blocks':>9} "
                        f"{'GFLOPs':>10} {'dense':>10}  decisions"]
         for r in self.per_step:
             tok = "-" if r.image_tokens is None else f"{r.image_tokens}+{r.text_tokens}"
             blk = "-" if r.blocks_computed is None else f"{r.blocks_computed}/{r.blocks_total}"
             gf = "-" if r.flops is None else f"{r.flops / 1e9:.3f}"
             gd = "-" if r.dense_flops is None else f"{r.dense_flops / 1e9:.3f}"
-            lines.append(f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} {','.join(r.branches):<16} {tok:>11} "
+            lines.append((f"{r.stage:>5} " if staged else "") + f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} {','.join(r.branches):<16} {tok:>11} "
                          f"{blk:>9} {gf:>10} {gd:>10}  {' | '.join(d for d in r.decisions if d)}")
         if self.estimated_speedup is not None:
             lines.append(f"estimated FLOPs {self.flops / 1e9:.3f} G vs dense {self.dense_flops / 1e9:.3f} G "

@@ -1,4 +1,10 @@
-"""Predicted FLOPs of a whole sampling run, and the table mechanisms transform to report their savings."""
+"""Predicted FLOPs of a whole sampling run, and the table mechanisms transform to report their savings.
+
+A run is priced call by call: every row of the table carries the context of its call (`StepContext`: token layout,
+stage, global step, run and stage steps, call, branches), built as the step clock would build it, so a run of
+several stages at several resolutions is priced row by row, and a mechanism's `estimate_cost` reads each row's own
+context — the same fields its hooks read at run time.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..config import _shown
-from ..context import TokenLayout
+from ..context import COND, UNCOND, StepContext, TokenLayout
 from ..errors import ConfigError, FastDiffError
 from .model import CostModel
 
@@ -53,30 +59,42 @@ def token_patch(latent_grid: Callable, config: Any) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class CostRow:
+    """One denoiser call of a run: its context and its per-sample FLOPs per block (the last entry: everything
+    outside blocks)."""
+
+    ctx: StepContext
+    flops: tuple[float, ...]
+
+    @property
+    def total(self) -> float:
+        """FLOPs of the call over its rows, summed as `summary()` sums a record (outside blocks first)."""
+        return self.ctx.batch_size * (self.flops[-1] + sum(self.flops[:-1]))
+
+
+@dataclass(frozen=True)
 class CostTable:
-    """Per-sample FLOPs of every (step, call, block) of a run; the last column is everything outside blocks.
+    """The calls of a run, one `CostRow` each, in call order.
 
     Mechanisms return a modified copy from `estimate_cost` (a reused block costs 0, a merged one less),
     so composition is function composition in attach order.
     """
 
     model: CostModel
-    layout: TokenLayout
-    batch: int
-    calls_per_step: int
-    rows: tuple[tuple[float, ...], ...]  # one row per (step, call)
+    rows: tuple[CostRow, ...]
 
     @property
     def flops(self) -> float:
-        return self.batch * sum(sum(r) for r in self.rows)
+        return sum(r.total for r in self.rows)
 
-    def with_rows(self, rows) -> "CostTable":
-        return replace(self, rows=tuple(tuple(r) for r in rows))
+    def with_flops(self, flops) -> "CostTable":
+        """The table with each row's FLOPs replaced, in row order."""
+        return replace(self, rows=tuple(replace(r, flops=tuple(f)) for r, f in zip(self.rows, flops, strict=True)))
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted cost of one sampling run."""
+    """Predicted cost of one sampling run (`layout`: its last stage's; `stages`: every stage's layout and steps)."""
 
     flops: float
     dense_flops: float
@@ -84,12 +102,59 @@ class Estimate:
     steps: int
     calls_per_step: int
     batch: int
+    stages: tuple[tuple[TokenLayout, int], ...] = ()
 
     @property
     def speedup(self) -> float:
         return self.dense_flops / self.flops
 
 
-def dense_table(model: CostModel, layout: TokenLayout, steps: int, calls_per_step: int, batch: int) -> CostTable:
-    per = tuple(model.block_flops(layout))
-    return CostTable(model, layout, batch, calls_per_step, (per,) * (steps * calls_per_step))
+def schedule(stages: list[tuple[TokenLayout, int]], batch: int, cfg: bool) -> list[StepContext]:
+    """The contexts of a run's calls: each stage's steps (the global step counting on), one call per step, or a
+    conditional then an unconditional one with `cfg` (a pipeline batching both halves makes the same FLOPs)."""
+    run_steps = sum(n for _, n in stages)
+    calls = (COND, UNCOND) if cfg else (COND,)
+    out, start = [], 0
+    for stage, (layout, n) in enumerate(stages):
+        for step in range(start, start + n):
+            out += [StepContext(0, step, run_steps, float("nan"), call, (branch,) * batch, layout, stage, start, n)
+                    for call, branch in enumerate(calls)]
+        start += n
+    return out
+
+
+def dense_table(model: CostModel, contexts: list[StepContext]) -> CostTable:
+    per: dict[TokenLayout, tuple[float, ...]] = {}
+    for ctx in contexts:
+        if ctx.layout not in per:
+            per[ctx.layout] = tuple(model.block_flops(ctx.layout))
+    return CostTable(model, tuple(CostRow(ctx, per[ctx.layout]) for ctx in contexts))
+
+
+STAGE_KEYS = ("height", "width", "steps", "num_frames")
+
+
+def check_stages(stages: Any, *, height: Any, width: Any, steps: Any, num_frames: Any) -> list[dict]:
+    """The stages `fastdiff.estimate` prices, as dicts of STAGE_KEYS: `stages` as given, or the one stage of
+    height/width/steps. ConfigError when both or neither are given, or a stage has other keys."""
+    if stages is None:
+        return [dict(height=height, width=width, steps=steps, num_frames=num_frames)]
+    given = [k for k, v in (("height", height), ("width", width), ("steps", steps), ("num_frames", num_frames))
+             if v is not None]
+    if given:
+        raise ConfigError(f"give either stages or {given}, not both (each stage has its own size and steps)")
+    if not isinstance(stages, (list, tuple)) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"stages must be a non-empty list of dicts with keys {list(STAGE_KEYS)}, got {_shown(stages)}")
+    if len(stages) > MAX_STEPS:
+        raise ConfigError(f"stages: at most {MAX_STEPS}, got {len(stages)}")
+    out = []
+    for i, stage in enumerate(stages):
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        missing = [k for k in ("height", "width", "steps") if k not in stage]
+        if unknown or missing:
+            raise ConfigError(f"stages[{i}]: " + (f"unknown key(s) {unknown}" if unknown else f"missing {missing}") +
+                              f"; a stage has {list(STAGE_KEYS)}")
+        out.append({"num_frames": None, **stage})
+    if sum(s["steps"] if isinstance(s["steps"], int) else 0 for s in out) > MAX_STEPS:
+        raise ConfigError(f"stages: at most {MAX_STEPS} steps in all")
+    return out

@@ -32,7 +32,7 @@ def test_scheduler_swapped_after_apply_is_followed():
     assert [(r.ctx.run, r.ctx.step, r.ctx.num_steps) for r in h.records] == [(1, i, 6) for i in range(6)]
     for _ in range(5):  # state stays one run's worth
         _call(p, steps=4)
-    assert len(h.records) == 4 and len(h.state.slots) <= 2
+    assert len(h.records) == 4 and len(h.state.states) <= 2
     fastdiff.remove(p)
     assert "step" not in p.scheduler.__dict__ and "set_timesteps" not in p.scheduler.__dict__
 
@@ -99,7 +99,7 @@ def test_repeated_timestep_on_a_bare_denoiser_keeps_state_bounded():
             den(**x)
         last = den(**x)
     assert len(h.records) <= fastdiff.clock.MAX_CALLS_PER_STEP
-    assert len(h.state.slots) <= fastdiff.clock.MAX_CALLS_PER_STEP
+    assert len(h.state.states) <= fastdiff.clock.MAX_CALLS_PER_STEP
     assert torch.equal(first.sample, last.sample)
 
 

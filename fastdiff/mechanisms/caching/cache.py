@@ -26,11 +26,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ... import parallel
 from ...errors import UnsupportedModelError
 from ...parallel import shards_of
+from ...context import RunState
 from ..base import Mechanism
 from . import estimators
 from .policies import POLICIES, PolicyState, row_rel_change
 
 COMPUTE, REUSE, FORECAST = "compute", "reuse", "forecast"
+
+
+@dataclass
+class _Schedule:
+    """What `estimate_cost` follows per call slot: the step each span was last computed, reuses since."""
+
+    last: dict[tuple[int, int], int] = field(default_factory=dict)
+    since: int = 0
 
 
 @dataclass
@@ -111,31 +120,30 @@ class StepCache(Mechanism):
     def estimate_cost(self, table):
         """Static and Δ-DiT schedules are known in advance: exact. Dynamic policies are bounded by their
         gates: this assumes a reuse wherever warm-up, cool-down and max_skip allow one (an upper bound on
-        the speedup); `summary()` reports what a run actually did."""
-        steps = len(table.rows) // table.calls_per_step
+        the speedup); `summary()` reports what a run actually did. Each row is decided from its own context, with
+        the run's per-call state rule (`RunState`: one per call slot and grid; a stage on another grid starts
+        afresh, so its first step computes)."""
         lo, hi = self.cacheable_range(table.model.adapter)
         c = self.config
-        rows, last, since = [], {}, 0
-        for i, row in enumerate(table.rows):
-            step = i // table.calls_per_step
-            span = self.policy.span(step, steps, lo, hi)
-            if i % table.calls_per_step == 0:
-                gate = step < c.warmup or step >= steps - c.cooldown or span not in last \
-                    or (c.max_skip and since >= c.max_skip)
-                if self.policy.adaptive:
-                    reuse = not gate
-                else:
-                    reuse = not gate and self.policy.decide(None, step, step - last.get(span, step), None)
-                if reuse:
-                    since += 1
-                else:
-                    last[span], since = step, 0
-            row = list(row)
+        states = RunState()
+        flops = []
+        for row in table.rows:
+            ctx = row.ctx
+            states.enter_stage(ctx.run, ctx.stage, ctx.grid)
+            st = states.get(self.name, ctx.call, ctx.grid, _Schedule)
+            span = self.policy.span(ctx.step, ctx.num_steps, lo, hi)
+            gate = ctx.step < c.warmup or (ctx.num_steps is not None and ctx.step >= ctx.num_steps - c.cooldown) \
+                or span not in st.last or (c.max_skip and st.since >= c.max_skip)
+            if self.policy.adaptive:
+                reuse = not gate
+            else:
+                reuse = not gate and self.policy.decide(None, ctx.step, ctx.step - st.last.get(span, ctx.step), None)
             if reuse:
-                for b in range(*span):
-                    row[b] = 0.0
-            rows.append(row)
-        return table.with_rows(rows)
+                st.since += 1
+            else:
+                st.last[span], st.since = ctx.step, 0
+            flops.append([0.0 if reuse and span[0] <= b < span[1] else v for b, v in enumerate(row.flops)])
+        return table.with_flops(flops)
 
     def attach(self, adapter, session):
         self.session = session
@@ -157,7 +165,7 @@ class StepCache(Mechanism):
     def report(self) -> dict:
         if getattr(self, "session", None) is None:  # detached
             return getattr(self, "_final", {})
-        held = sum(s.nbytes() for (name, _), s in self.session.state.slots.items() if name == self.name)
+        held = sum(s.nbytes() for s in self.session.state.of(self.name))
         return {"cache_bytes": held, "cache_peak_bytes": self.peak_bytes, "offload": self.config.offload}
 
     # -- the hook -----------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ class StepCache(Mechanism):
         if rec is None:  # called outside a denoiser call (e.g. by the user): nothing to decide
             return False, None
         ctx = rec.ctx
-        st: SlotState = self.session.state.slot(self.name, ctx.call, self.make_state)
+        st: SlotState = self.session.state.get(self.name, ctx.call, ctx.grid, self.make_state)
         if st.record is not rec:  # first cached-or-head block of this call
             st.record, st.reuse, st.head_in, st.span_in, st.enc_in = rec, False, None, None, None
             st.span = self.policy.span(ctx.step, ctx.num_steps, self.lo, self.hi)
@@ -217,7 +225,7 @@ class StepCache(Mechanism):
         if rec is None:
             return
         ctx = rec.ctx
-        st: SlotState = self.session.state.slot(self.name, ctx.call, self.make_state)
+        st: SlotState = self.session.state.get(self.name, ctx.call, ctx.grid, self.make_state)
         s, e = st.span
         i = block.index
         if not s <= i < e:
@@ -242,7 +250,7 @@ class StepCache(Mechanism):
                 self.policy.computed(st.policy, st.span_in, hidden_out)
         if i == e - 1:
             st.last_computed[(s, e)], st.consecutive = ctx.step, 0
-            held = sum(x.nbytes() for (n, _), x in self.session.state.slots.items() if n == self.name)
+            held = sum(x.nbytes() for x in self.session.state.of(self.name))
             self.peak_bytes = max(self.peak_bytes, held)
 
     # -- pieces -------------------------------------------------------------------------------------

@@ -47,15 +47,12 @@ class GuidanceSkip(Mechanism):
                 "fastdiff.supported() applied through their diffusers pipeline.")
 
     def estimate_cost(self, table):
-        """Both CFG branches are charged as calls 0 and 1 of a step; from `start` on the second is free.
-        For mode "converged" this is the bound (skipping from `start`); summary() has what a run did."""
-        if table.calls_per_step < 2:
-            return table
-        steps = len(table.rows) // table.calls_per_step
-        first = self._first_step(steps)
-        rows = [tuple(0.0 for _ in row) if (i // table.calls_per_step >= first and i % table.calls_per_step == 1)
-                else row for i, row in enumerate(table.rows)]
-        return table.with_rows(rows)
+        """The unconditional calls (rows whose branches are unconditional) are free from `start` on, read against
+        the run's steps. For mode "converged" this is the bound (skipping from `start`); summary() has what a run
+        did."""
+        return table.with_flops(
+            [0.0] * len(r.flops) if UNCOND in r.ctx.branches and r.ctx.step >= self._first_step(r.ctx.num_steps)
+            else r.flops for r in table.rows)
 
     def attach(self, adapter, session):
         self.session = session
@@ -96,7 +93,7 @@ class GuidanceSkip(Mechanism):
         branches = ctx.branches
         if UNKNOWN in branches:
             self._unknown()
-        st: GuidanceState = self.session.state.slot(self.name, 0, self.make_state)
+        st: GuidanceState = self.session.state.get(self.name, 0, ctx.grid, self.make_state)
         if UNCOND not in branches:  # CFG off, or the conditional call of separate CFG
             return "cond", st, ctx.step
         cond_rows = [i for i, b in enumerate(branches) if b == COND]

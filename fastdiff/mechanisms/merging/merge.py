@@ -174,22 +174,25 @@ class TokenMerge(Mechanism):
                 f"supports: {ok} with diffusers' default attention processors; drop 'proportional' here.")
 
     def estimate_cost(self, table):
-        """Exact for every schedule: the token counts depend on the grid and the step only."""
+        """Exact for every schedule: the token counts depend on the row's grid and step only."""
         chosen = self.sites(table.model.adapter)
-        steps = len(table.rows) // table.calls_per_step
-        dense = table.model.block_flops(table.layout)
-        reduced: dict[float, list[float]] = {}
-        rows = []
-        for i, row in enumerate(table.rows):
-            ratio = self._ratio(i // table.calls_per_step, steps)
+        dense: dict = {}
+        reduced: dict = {}
+        flops = []
+        for row in table.rows:
+            ctx = row.ctx
+            ratio = self._ratio(ctx.step, ctx.num_steps)
             if ratio <= 0:
-                rows.append(row)
+                flops.append(row.flops)
                 continue
-            if ratio not in reduced:
-                reduced[ratio] = table.model.block_flops(table.layout, self.reductions(chosen, table.layout, ratio))
-            per = reduced[ratio]
-            rows.append([v * per[b] / dense[b] if dense[b] else v for b, v in enumerate(row)])
-        return table.with_rows(rows)
+            if ctx.layout not in dense:
+                dense[ctx.layout] = table.model.block_flops(ctx.layout)
+            key = (ctx.layout, ratio)
+            if key not in reduced:
+                reduced[key] = table.model.block_flops(ctx.layout, self.reductions(chosen, ctx.layout, ratio))
+            per, full = reduced[key], dense[ctx.layout]
+            flops.append([v * per[b] / full[b] if full[b] else v for b, v in enumerate(row.flops)])
+        return table.with_flops(flops)
 
     def reductions(self, chosen, layout, ratio: float) -> dict[str, Reduction]:
         """Submodule path -> tokens it runs on at `ratio` on `layout` (what a call records), pure arithmetic."""
@@ -259,7 +262,7 @@ class TokenMerge(Mechanism):
         rec = self.session.current_record
         if rec is None:  # called outside a denoiser call (e.g. by the user): leave it alone
             return None
-        st: CallState = self.session.state.slot(self.name, rec.ctx.call, self.make_state)
+        st: CallState = self.session.state.get(self.name, rec.ctx.call, rec.ctx.grid, self.make_state)
         if st.record is not rec:
             st.record, st.plans, st.block_input = rec, {}, None
         return st

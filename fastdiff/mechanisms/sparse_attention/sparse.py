@@ -118,16 +118,23 @@ class SparseAttention(Mechanism):
 
     def estimate_cost(self, table):
         """Static patterns: exact (the density is a function of the grid). Predicted ones: top-k's listed blocks
-        (exact count), top-p at density 1 (unknown before the run: conservative; summary() reports it measured)."""
-        chosen = self.sites(table.model.adapter)
-        steps = len(table.rows) // table.calls_per_step
-        dense = table.model.block_flops(table.layout)
-        sparse = table.model.block_flops(table.layout, self.reductions(chosen, table.layout, table.model.adapter))
-        rows = []
-        for i, row in enumerate(table.rows):
-            active = self._active(i // table.calls_per_step, steps)
-            rows.append([v * sparse[b] / dense[b] if active and dense[b] else v for b, v in enumerate(row)])
-        return table.with_rows(rows)
+        (exact count), top-p at density 1 (unknown before the run: conservative; summary() reports it measured).
+        Each row is priced on its own grid, from its own step."""
+        adapter = table.model.adapter
+        chosen = self.sites(adapter)
+        per: dict = {}
+        flops = []
+        for row in table.rows:
+            ctx = row.ctx
+            if not self._active(ctx.step, ctx.num_steps):
+                flops.append(row.flops)
+                continue
+            if ctx.layout not in per:
+                per[ctx.layout] = (table.model.block_flops(ctx.layout),
+                                   table.model.block_flops(ctx.layout, self.reductions(chosen, ctx.layout, adapter)))
+            dense, sparse = per[ctx.layout]
+            flops.append([v * sparse[b] / dense[b] if dense[b] else v for b, v in enumerate(row.flops)])
+        return table.with_flops(flops)
 
     def reductions(self, chosen, layout, adapter) -> dict[str, Reduction]:
         out = {}
@@ -271,7 +278,7 @@ class SparseAttention(Mechanism):
 
     def _predicted(self, site, rec, geom, q, k, scale):
         c = self.config
-        st: CallState = self.session.state.slot(self.name, rec.ctx.call, self.make_state)
+        st: CallState = self.session.state.get(self.name, rec.ctx.call, rec.ctx.grid, self.make_state)
         prev = st.predicted.get(site.path)
         step = rec.ctx.step
         fresh = prev is None or (c.refresh and step - prev.step >= c.refresh) or prev.rows not in (1, q.shape[0])
