@@ -196,6 +196,67 @@ class GuidanceConfig:
 
 GUIDANCE_MODES = ("step", "converged")
 
+
+@dataclass
+class BottleneckConfig:
+    """Resolution-bottleneck sampling: run the stages of each pipeline call at their own latent sizes.
+
+    Each stage denoises from its starting noise level (`strength`) to a clean estimate on its own shifted sigma
+    schedule; between stages the estimate is resized (`resize`) and re-noised with fresh noise. Flow-matching
+    samplers only (FLUX, SD3, HunyuanVideo pipelines).
+
+    Args:
+        stages: the stages in order, each a mapping with `scale` (latent downscale factor, 1 = full size; the
+            last stage must be 1), `steps` (a fraction of the call's steps, or an int count), `strength` (the
+            stage's starting noise level in (0, 1]; 1 for a first stage) and optionally `shift` (a fixed flow
+            shift for the stage; default: the scheduler's own rule at the stage's token count).
+        resize: how the clean estimate moves between stages: "bicubic", "bilinear", "area" or "lanczos".
+        strength_is: "time" (the strength is shifted like any timestep: Bottleneck Sampling's rule) or
+            "sigma" (the stage starts at exactly that noise level).
+    """
+
+    stages: list = field(default_factory=lambda: [{"scale": 2, "steps": 0.6, "strength": 1.0},
+                                                  {"scale": 1, "steps": 0.4, "strength": 0.6}])
+    resize: str = "bicubic"
+    strength_is: str = "time"
+
+    def validate(self) -> None:
+        _check_types(self)
+        _require(isinstance(self.stages, list) and len(self.stages) >= 1,
+                 f"bottleneck.stages must be a non-empty list of stage mappings, got {_shown(self.stages)}")
+        for i, st in enumerate(self.stages):
+            where = f"bottleneck.stages[{i}]"
+            _require(isinstance(st, dict), f"{where} must be a mapping, got {_shown(st)}")
+            extra = set(st) - set(BOTTLENECK_STAGE_KEYS)
+            _require(not extra, f"{where}: unknown keys {sorted(extra)}; a stage has {list(BOTTLENECK_STAGE_KEYS)}")
+            scale, steps = st.get("scale", 1), st.get("steps")
+            strength, shift = st.get("strength", 1.0), st.get("shift")
+            _require(isinstance(scale, int) and not isinstance(scale, bool) and scale >= 1,
+                     f"{where}.scale must be an int >= 1, got {_shown(scale)}")
+            _require(isinstance(steps, (int, float)) and not isinstance(steps, bool)
+                     and (steps >= 1 if isinstance(steps, int) else 0 < steps <= 1),
+                     f"{where}.steps must be a fraction in (0, 1] or an int count >= 1, got {_shown(steps)}")
+            _require(isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1,
+                     f"{where}.strength must be in (0, 1], got {_shown(strength)}")
+            _require(shift is None or (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0),
+                     f"{where}.shift must be a positive number or absent, got {_shown(shift)}")
+        _require(self.stages[-1].get("scale", 1) == 1,
+                 "bottleneck.stages: the last stage must be at scale 1, so the output has the requested size")
+        _require(self.resize in BOTTLENECK_RESIZE, f"bottleneck.resize must be one of {BOTTLENECK_RESIZE}, "
+                                                   f"got {_shown(self.resize)}")
+        _require(self.strength_is in BOTTLENECK_STRENGTH, f"bottleneck.strength_is must be one of "
+                                                          f"{BOTTLENECK_STRENGTH}, got {_shown(self.strength_is)}")
+
+    def strify(self) -> str:
+        stages = "-".join(f"{st.get('scale', 1)}x{st['steps']:g}" + (f"@{st['strength']:g}" if st.get("strength", 1)
+                          != 1 else "") for st in self.stages)
+        return f"bottleneck[{stages},{self.resize},{self.strength_is}]"
+
+
+BOTTLENECK_STAGE_KEYS = ("scale", "steps", "strength", "shift")
+BOTTLENECK_RESIZE = ("bicubic", "bilinear", "area", "lanczos")  # the methods mechanisms.bottleneck.resample implements
+BOTTLENECK_STRENGTH = ("time", "sigma")
+
 @dataclass
 class MergeConfig:
     """Token merging inside blocks: attention (and optionally MLP) submodules run on fewer image tokens.
@@ -403,7 +464,7 @@ MERGE_SHARES = ("block", "level")
 # Merging sits inside caching, so a block the cache stands in for never runs its merge hooks (and pays nothing).
 # Sparse attention too: a skipped block never calls its attention.
 SECTIONS: dict[str, type] = {"telemetry": TelemetryConfig, "merge": MergeConfig, "sparse": SparseConfig,
-                             "cache": CacheConfig, "guidance": GuidanceConfig}
+                             "cache": CacheConfig, "guidance": GuidanceConfig, "bottleneck": BottleneckConfig}
 
 
 @dataclass
@@ -416,6 +477,7 @@ class FastDiffConfig:
         sparse: block-sparse self-attention (window, criss-cross, predicted top-k / top-p); None = off.
         cache: block caching across steps; None = off.
         guidance: skipping the unconditional CFG branch late in sampling; None = off.
+        bottleneck: resolution-bottleneck sampling (stages at lower latent resolution); None = off.
         families: per-family section overrides, {family: {section: {key: value}}}, applied when the model's
             family is known (`for_family`); a preset uses them where a family needs other settings. A value the
             user overrides explicitly wins over every family's.
@@ -426,6 +488,7 @@ class FastDiffConfig:
     sparse: SparseConfig | None = None
     cache: CacheConfig | None = None
     guidance: GuidanceConfig | None = None
+    bottleneck: BottleneckConfig | None = None
     families: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from ..config import SECTIONS, FastDiffConfig
 from .base import Mechanism
+from .bottleneck.mechanism import Bottleneck
 from .caching import GuidanceSkip, StepCache
 from .merging import TokenMerge
 from .sparse_attention import SparseAttention
 from .telemetry import Telemetry
 
 MECHANISMS: dict[str, type[Mechanism]] = {"telemetry": Telemetry, "merge": TokenMerge, "sparse": SparseAttention,
-                                          "cache": StepCache, "guidance": GuidanceSkip}
+                                          "cache": StepCache, "guidance": GuidanceSkip,
+                                          "bottleneck": Bottleneck}
 assert set(MECHANISMS) == set(SECTIONS), "every config section needs its mechanism"
 
 

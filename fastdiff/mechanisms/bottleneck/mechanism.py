@@ -1,0 +1,106 @@
+"""Resolution-bottleneck sampling as a mechanism: the config section `bottleneck` on a pipeline's call.
+
+It is the one mechanism that drives the run rather than a block: its wrapper sits outside the step clock's (the
+clock, and every other mechanism, see each call at its stage's latent size), it hooks the pipeline's scheduler,
+and it tells the session where each stage begins (`begin_stage`), so a run of several stages stays one run whose
+records, summary and step-fraction schedules cover all of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ...errors import FastDiffError, UnsupportedModelError
+from ..base import Mechanism
+from .driver import Driver
+from .schedule import Stage, split_steps
+
+
+def stages_of(config) -> tuple[Stage, ...]:
+    return tuple(Stage(scale=st.get("scale", 1), steps=st["steps"], strength=st.get("strength", 1.0),
+                       shift=st.get("shift")) for st in config.stages)
+
+
+def make_driver(config, resample, hidden_arg: str = "hidden_states") -> Driver:
+    return Driver(stages_of(config), resize=config.resize, strength_is=config.strength_is, packing=resample.packing,
+                  positions=resample.positions, hidden_arg=hidden_arg)
+
+
+class Bottleneck(Mechanism):
+    name = "bottleneck"
+    outer = True  # wraps the denoiser outside the step clock
+
+    def validate(self, adapter) -> None:
+        from ...adapters.base import specs
+
+        if adapter.spec.resample is None:
+            known = sorted(s.name for s in specs() if s.resample is not None)
+            raise UnsupportedModelError(
+                f"{type(adapter.denoiser).__name__}: resolution-bottleneck sampling needs to know how the "
+                f"'{adapter.name}' family's latents change size (FamilySpec.resample); supported families: {known}")
+        make_driver(self.config, adapter.spec.resample)  # stage values checked before anything is touched
+
+    def check_pipeline(self, pipeline: Any, scheduler: Any, owner: str) -> None:
+        """Refuse, before anything is attached, what the driver cannot run: no pipeline, a non-flow sampler."""
+        if pipeline is None or scheduler is None:
+            raise UnsupportedModelError(
+                f"{owner}: resolution-bottleneck sampling drives a pipeline's call (its scheduler and latents): "
+                "apply fastdiff to the pipeline, not to its denoiser")
+        Driver.check_scheduler(scheduler, type(pipeline).__name__)
+
+    def attach_driver(self, adapter, hooks, scheduler, pipeline, session) -> None:
+        spec = adapter.spec
+        self.scheduler, self.pipeline = scheduler, pipeline
+        driver = make_driver(self.config, spec.resample, spec.hidden_arg)
+        self.driver = driver
+        step_sig = inspect.signature(scheduler.step)
+        forward_sig = inspect.signature(adapter.denoiser.forward)
+
+        def begin(k: int) -> None:
+            run = driver.run
+            session.begin_stage(run.counts[k], run_steps=sum(run.counts))
+
+        driver.on_stage = begin
+
+        def set_timesteps(inner, args, kwargs):
+            out = driver.set_timesteps(scheduler, inner, args, kwargs)
+            run = driver.run
+            session.begin_stage(run.counts[0], run_steps=sum(run.counts), new_run=True)
+            return out
+
+        def step(inner, args, kwargs):
+            return driver.step(step_sig, inner, args, kwargs)
+
+        def bind(args, kwargs):
+            b = forward_sig.bind(*args, **kwargs)
+            return dict(b.arguments)
+
+        def forward(inner, args, kwargs):
+            if pipeline.scheduler is not scheduler:
+                raise FastDiffError(
+                    f"{type(pipeline).__name__}.scheduler was replaced after fastdiff.apply with a bottleneck section: "
+                    "its stages are set by the scheduler it was applied with. Call fastdiff.remove(pipe), then apply "
+                    "again")
+            return driver.forward(bind, inner, args, kwargs)
+
+        hooks.wrap(scheduler, "fastdiff.bottleneck.set_timesteps", set_timesteps, attr="set_timesteps")
+        hooks.wrap(scheduler, "fastdiff.bottleneck.step", step, attr="step")
+        hooks.wrap(adapter.denoiser, "fastdiff.bottleneck", forward)
+
+    def attach(self, adapter, session) -> None:  # the session calls attach_driver instead (see `outer`)
+        raise FastDiffError("bottleneck attaches as a driver (Session.attach calls attach_driver)")
+
+    def detach(self) -> None:
+        self.scheduler = self.pipeline = self.driver = None
+
+    def estimate_cost(self, table):
+        return table
+
+    def report(self) -> dict:
+        run = getattr(self, "driver", None) and self.driver.run
+        stages = [dict(scale=s.scale, strength=s.strength) for s in stages_of(self.config)]
+        return dict(stages=stages, steps=list(run.counts) if run else None)
+
+
+__all__ = ["Bottleneck", "Stage", "split_steps"]
