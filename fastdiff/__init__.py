@@ -171,12 +171,27 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = 
     spec = adapter.spec
     patch = token_patch(spec.latent_grid, denoiser.config)
     n_text = spec.text_tokens if text_tokens is None else text_tokens
-    layouts = []
-    for st in stages:
-        grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, st["height"], st["width"], st["num_frames"], patch))
-        layouts.append((TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position), st["steps"]))
+
+    def layouts_of(stages):
+        out = []
+        for st in stages:
+            grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, st["height"], st["width"], st["num_frames"],
+                                                                  patch))
+            out.append((TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position),
+                        st["steps"]))
+        return out
+
+    layouts = layouts_of(stages)
     dense = dense_table(model, schedule(layouts, batch, cfg))
     table = dense
+    if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
+        if len(stages) != 1:
+            raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
+                              "(the section makes the stages)")
+        from .mechanisms.bottleneck.mechanism import stage_sizes
+
+        layouts = layouts_of(stage_sizes(config.bottleneck, **stages[0]))
+        table = dense_table(model, schedule(layouts, batch, cfg))
     for mechanism in _mechanisms.build(config):
         mechanism.validate(adapter)  # what apply() would refuse, estimate refuses too
         table = mechanism.estimate_cost(table)

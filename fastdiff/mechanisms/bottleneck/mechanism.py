@@ -27,6 +27,15 @@ def make_driver(config, resample, hidden_arg: str = "hidden_states") -> Driver:
                   positions=resample.positions, hidden_arg=hidden_arg)
 
 
+def stage_sizes(config, *, height: int, width: int, steps: int, num_frames: int | None = None) -> list[dict]:
+    """The stages a call of this size runs, as `fastdiff.estimate` prices them: each stage's output size (the call's
+    divided by the stage's scale: the pipeline's VAE scale then applies as for any call) and its steps."""
+    stages = stages_of(config)
+    counts = split_steps(steps, stages)
+    return [dict(height=height // st.scale, width=width // st.scale, steps=n, num_frames=num_frames)
+            for st, n in zip(stages, counts)]
+
+
 class Bottleneck(Mechanism):
     name = "bottleneck"
     outer = True  # wraps the denoiser outside the step clock
@@ -95,6 +104,8 @@ class Bottleneck(Mechanism):
         self.scheduler = self.pipeline = self.driver = None
 
     def estimate_cost(self, table):
+        # Priced by the table's rows themselves: `fastdiff.estimate` builds them at each stage's size
+        # (`stage_sizes`), and records of a run carry the layout each call had.
         return table
 
     def report(self) -> dict:
