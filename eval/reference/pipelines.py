@@ -254,3 +254,7 @@ class ClassFluxPipeline(FluxPipeline):
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+# FluxPipeline's true CFG, which ClassFluxPipeline.__call__ runs: the class's call first, then the null class's
+fastdiff.register_pipeline(ClassFluxPipeline, fastdiff.CfgLayout("separate", "cond", None), family="flux")

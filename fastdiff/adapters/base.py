@@ -196,11 +196,17 @@ class FamilySpec:
     resample: ResampleSpec | None = None
 
     def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
-        """The CFG layout of `pipeline`'s class or of the nearest base class listed (a thin subclass that calls
-        its base's `__call__`, such as a reference pipeline over `FluxPipeline`, lays out CFG as the base does)."""
+        """The CFG layout of `pipeline`'s class, or of the listed base class whose `__call__` it runs: a subclass
+        that only adds methods lays out CFG as its base does; one with a `__call__` of its own may lay it out
+        differently, so it is unknown until registered (`register_pipeline`)."""
         if pipeline is None:
             return None
-        return next((self.pipelines[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in self.pipelines), None)
+        for cls in type(pipeline).__mro__:
+            if cls.__name__ in self.pipelines:
+                return self.pipelines[cls.__name__]
+            if "__call__" in vars(cls):
+                return None
+        return None
 
     def stream_of(self, path: str) -> str:
         for pattern, stream in self.streams:
@@ -258,13 +264,16 @@ class BlockAdapter:
     def layout(self, bound: dict) -> TokenLayout | None:
         return None if self.spec.layout is None else self.spec.layout(self.denoiser, bound)
 
-    def branches(self, bound: dict, pipeline: Any, call: int) -> tuple[str, ...]:
-        """Branch label of each batch row of this call."""
+    def branches(self, bound: dict, pipeline: Any, call: int, signal: str | None = None) -> tuple[str, ...]:
+        """Branch label of each batch row of this call: read from the inputs (`row_branches`), else the host's
+        `signal` for the whole call (diffusers' `cache_context("cond"/"uncond")`), else the pipeline's CFG layout."""
         batch = self.hidden_input(bound).shape[0]
         if self.spec.row_branches is not None:
             rows = self.spec.row_branches(self.denoiser, bound)
             if rows is not None:
                 return rows
+        if signal is not None:
+            return (signal,) * batch
         cfg = self.spec.cfg_layout(pipeline)
         if cfg is None:
             return (UNKNOWN,) * batch
@@ -306,7 +315,8 @@ CFG_MODES = ("batched", "separate")
 def register_pipeline(pipeline: type | str, layout: CfgLayout, *, family: str) -> None:
     """Say how a pipeline class lays out classifier-free guidance for the denoisers of `family`, so that a pipeline
     defined outside the adapters (a subclass or a pipeline of one's own) gets each row's branch (guidance skipping
-    needs it). `pipeline` is the class or its name; a subclass of it is matched too (`FamilySpec.cfg_layout`).
+    needs it). `pipeline` is the class or its name; a subclass of it that keeps its `__call__` is matched too
+    (`FamilySpec.cfg_layout`).
 
         fastdiff.register_pipeline(MyPipeline, fastdiff.CfgLayout("batched", "uncond"), family="unet")
 

@@ -81,10 +81,18 @@ def test_a_control_network_alone_is_refused():
 def test_guidance_on_a_pipeline_with_unknown_cfg_layout_is_refused_at_apply():
     p = tiny.build_pipeline("sd15")
 
-    class MyPipeline(type(p)):
-        pass
+    class MyPipeline(type(p)):  # a call of its own: it may lay out CFG differently
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
 
     q = MyPipeline(**p.components)
     with pytest.raises(fastdiff.UnsupportedModelError, match="MyPipeline"):
         fastdiff.apply(q, preset="cache-ultra")
     assert fastdiff.session_of(q) is None and "forward" not in q.unet.__dict__
+
+    class Renamed(type(p)):  # runs StableDiffusionPipeline.__call__ itself: its layout is known
+        pass
+
+    r = Renamed(**p.components)
+    with fastdiff.accelerated(r, preset="cache-ultra"):
+        pass
