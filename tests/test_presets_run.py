@@ -15,12 +15,15 @@ reused at step 1), 4 (cache-safe reuses step 2), 5 (cache-fast / cache-ultra for
 unconditional branch from step 2); grids widened to hold several 64-token blocks where the family allows.
 """
 
+from importlib import import_module
+
 import pytest
 import torch
 
 import fastdiff
 from fastdiff.eval import reference, tiny
 
+from .adapters.facts import spec_of, todo_supported
 from .conftest import module_snapshot
 
 PRESETS = fastdiff.presets()
@@ -35,9 +38,21 @@ WIDEN = {"pixart": (2, 6), "sd3": (4, 4), "flux": (2, 6), "sd15": (1, 3), "sdxl"
 STEPS = {"none": 2, "cache-safe": 4, "cache-fast": 5, "cache-ultra": 5, "merge-tome": 2, "merge-todo": 2,
          "sparse-topk": 2, "sparse-window": 2}
 
+
+def _denoiser_class(name: str) -> str:
+    """A model's denoiser class: its tiny record's, or its reference recipe's (built on the meta device: no weights
+    read or initialised, the RNG untouched, the weights need not exist yet)."""
+    if name in tiny.RECORDS:
+        return tiny.record(name).denoiser
+    recipe = import_module(reference._MODELS[name], reference.__name__).RECIPE
+    with torch.device("meta"):
+        parts = recipe.build(recipe.parts)
+    return type(parts["unet" if "unet" in parts else "transformer"]).__name__
+
+
 # (model, preset) -> what the error names besides the model class. ToDo pools self-attention keys/values apart from
-# the queries: not where text and image share one projection (joint attention) or RoPE rotates the keys.
-REFUSED = {(m, "merge-todo"): "merge method 'todo'" for m in ("sd3", "flux", "wan", "cogvideox", "hunyuan")}
+# the queries: refused on every model whose adapter gives no self-attention a key/value input (joint attention, RoPE).
+REFUSED = {(m, "merge-todo"): "merge method 'todo'" for m in MODELS if not todo_supported(spec_of(_denoiser_class(m)))}
 
 # Sparse presets (block 64, window 3x3 tiles) on grids where the pattern lists every block.
 DENSE = {(m, p) for m in ("dit", "ref-digits", "ref-textures") for p in ("sparse-topk", "sparse-window")}

@@ -10,8 +10,7 @@ from fastdiff.eval import tiny
 from fastdiff.mechanisms import registry
 from fastdiff.mechanisms.base import Mechanism
 
-FAMILIES = tiny.FAMILIES
-SEPARATE_CFG = {"flux", "wan", "hunyuan"}  # one denoiser call per branch
+from .facts import FAMILIES, SEPARATE_CFG
 
 
 def run(pipe, family, **kw):

@@ -8,6 +8,7 @@ import fastdiff
 from fastdiff.eval import tiny
 from fastdiff.mechanisms.caching import estimators
 
+from ..adapters.facts import OUTPUT_REUSE
 from ..adapters.test_families import _sample, _seeded, run
 from ..unit.toy import FakePipeline, ShiftDenoiser, ToyDenoiser
 
@@ -133,7 +134,7 @@ POLICIES = {
     "taylor2": {"policy": "static", "interval": 3, "estimator": "taylor", "order": 2},
     "foca": {"policy": "static", "interval": 3, "estimator": "foca", "offload": True},
 }
-UNET = {"sd15", "sdxl"}
+UNET = OUTPUT_REUSE  # blocks a cache replays by their output (DeepCache): easycache and delta are refused
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)

@@ -7,6 +7,7 @@ import torch
 import fastdiff
 from fastdiff.eval import tiny
 
+from ..adapters.facts import ALWAYS_COMPUTE
 from ..adapters.test_families import _sample, _seeded
 from ..unit.toy import FakePipeline, ToyDenoiser
 
@@ -44,7 +45,7 @@ def test_interval_one_is_bit_identical_and_interval_two_skips(family):
     full = s.per_step[0].blocks_total
     assert computed[0] == computed[1] == computed[3] == computed[5] == full  # warm-up, interval, cool-down
     assert computed[2] == computed[4] < full
-    if family in ("sd15", "sdxl"):  # DeepCache: the outermost down and up block always run
+    if family in ALWAYS_COMPUTE:  # DeepCache: the outermost down and up block always run
         assert computed[2] == 2 * (s.calls // s.steps)
     else:
         assert computed[2] == 0

@@ -5,6 +5,7 @@ over merged duplicates, refused where attention cannot take the bias), merging u
 model against FlopCounterMode at the reduced token counts, alone and composed with caching."""
 
 import functools
+import re
 
 import pytest
 import torch
@@ -22,11 +23,13 @@ from fastdiff.mechanisms import sites
 from fastdiff.mechanisms.merging import merge as merge_mod
 from fastdiff.mechanisms.merging import todo, tome
 
+from ..adapters.facts import TODO
 from ..adapters.test_families import _sample, _seeded, run
 
 ALL_TARGETS = ["self_attention", "cross_attention", "mlp"]
-TODO_FAMILIES = {"dit", "pixart", "sd15", "sdxl"}  # self-attention with a separate key/value input and no RoPE
+TODO_FAMILIES = TODO  # self-attention with a separate key/value input and no RoPE (the adapters' kv_arg)
 PROPORTIONAL_FAMILIES = TODO_FAMILIES  # self-attention over the image tokens only, through AttnProcessor2_0
+SUPPORTED = re.escape(str(sorted({tiny.spec(f).name for f in TODO_FAMILIES})))  # adapter names in the refusals
 
 
 def _randn(*shape, seed=0):
@@ -215,14 +218,14 @@ def test_every_family_merges_and_remove_is_exact(family_pipe, snapshot):
     proportional = {"ratio": 0.5, "targets": ALL_TARGETS, "proportional": True}
     for cfg in ({"ratio": 0.5}, {"ratio": 0.6, "targets": ALL_TARGETS, "random": False}, {"method": "todo"}, proportional):
         if cfg.get("method") == "todo" and family not in TODO_FAMILIES:
-            with pytest.raises(fastdiff.UnsupportedModelError, match=r"'todo'.*ToDo supports: \['dit', 'pixart', 'unet'\]"):
+            with pytest.raises(fastdiff.UnsupportedModelError, match=rf"'todo'.*ToDo supports: {SUPPORTED}"):
                 fastdiff.apply(pipe, merge=cfg)
             assert snapshot(denoiser, pipe.scheduler) == before  # refused before touching anything
             continue
         if cfg.get("proportional") and family not in PROPORTIONAL_FAMILIES:
             with pytest.raises(fastdiff.UnsupportedModelError,
                                match=rf"{type(denoiser).__name__}: merge option 'proportional'.*proportional supports: "
-                                     r"\['dit', 'pixart', 'unet'\]"):
+                                     rf"{SUPPORTED}"):
                 fastdiff.apply(pipe, merge=cfg)
             with pytest.raises(fastdiff.UnsupportedModelError, match="'proportional'"):
                 fastdiff.estimate(pipe, merge=cfg, height=16, width=16, steps=2)

@@ -18,9 +18,7 @@ from fastdiff.errors import ConfigError, FastDiffError, UnsupportedModelError
 from fastdiff.eval import tiny
 from fastdiff.mechanisms.sparse_attention import SparseAttention
 from fastdiff.mechanisms.sparse_attention import patterns as P
-from tests.adapters.test_families import FAMILIES
-
-VIDEO = {"wan", "cogvideox", "hunyuan"}
+from tests.adapters.facts import FAMILIES, UNET, VIDEO
 
 
 def token_window(grid, tile, window):
@@ -138,7 +136,7 @@ def _cfg(pattern, **kw):
 
 def _big(family):
     """Grids with several 16-token blocks (the tiny defaults have 16 tokens per frame; DiT's size is fixed)."""
-    return {} if family == "dit" else {"scale": 2 if family in VIDEO | {"sd15", "sdxl"} else 4}
+    return {} if family == "dit" else {"scale": 2 if family in VIDEO | UNET else 4}
 
 
 def run(pipe, family, scale=1, **kw):

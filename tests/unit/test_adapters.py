@@ -30,9 +30,27 @@ class NoBlocks(torch.nn.Module):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_every_family_resolves_by_class(family):
     adapter = adapters.resolve(tiny.build_denoiser(family))
-    assert adapter.name == {"sd15": "unet", "sdxl": "unet"}.get(family, family)
+    assert type(adapter) is adapters.BlockAdapter and adapter.spec is tiny.spec(family)  # its own, not auto
     assert len(adapter.blocks) >= 2
     assert [b.index for b in adapter.blocks] == list(range(len(adapter.blocks)))
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_each_record_agrees_with_its_adapter(family):
+    """What the tests read as family facts (tests/adapters/facts.py) holds together: the record's pipeline is a class
+    the adapter lays out CFG for, a video record's latent frames are frames of the adapter's token grid (and its
+    pipeline has a temporal VAE scale), and a self-attention given a key/value input (ToDo) attends over the image
+    tokens alone, unrotated — joint attention and RoPE are why the other families refuse ToDo."""
+    rec, spec = tiny.record(family), tiny.spec(family)
+    pipe = tiny.build_pipeline(family)
+    assert type(pipe).__name__ == rec.pipeline and spec.cfg_layout(pipe) is spec.pipelines[rec.pipeline]
+    denoiser = pipe.unet if "unet" in pipe.components else pipe.transformer
+    frames = spec.latent_grid(denoiser.config, rec.latent_frames or 1, rec.latent, rec.latent)[0]
+    assert (frames > 1) == rec.video == hasattr(pipe, "vae_scale_factor_temporal")
+    for site in spec.attention:
+        for m in site.modules:
+            if m.role == "self_attention" and m.kv_arg:
+                assert m.text == "none" and m.rope is None, (family, m)
 
 
 def test_auto_fallback_finds_blocks_and_runs_bit_identical():

@@ -15,6 +15,8 @@ from fastdiff import ConfigError, FastDiffConfig, MergeConfig, TelemetryConfig, 
 from fastdiff.config import SECTIONS
 from fastdiff.eval import tiny
 
+from ..adapters.facts import TODO
+
 ATTR = "_fastdiff_session"
 
 
@@ -310,7 +312,7 @@ def test_family_overrides_apply_per_family_and_explicit_user_values_win(tmp_path
 # (preset, family) pairs a preset refuses, and why; the refusal must be an UnsupportedModelError saying so.
 REFUSED = {("merge-todo", family): "ToDo pools self-attention keys/values; this family's self-attention projects text "
            "and image jointly or rotates its keys with RoPE (merge-tome supports it)"
-           for family in ("sd3", "flux", "wan", "cogvideox", "hunyuan")}
+           for family in tiny.FAMILIES if family not in TODO}
 
 
 def test_every_preset_accelerates_every_family_by_the_cost_model():
