@@ -56,7 +56,8 @@ REFUSED = {(m, "merge-todo"): "merge method 'todo'" for m in MODELS if not todo_
 
 # Sparse presets (block 64, window 3x3 tiles) on grids where the pattern lists every block.
 DENSE = {(m, p) for m in ("dit", "ref-digits", "ref-textures") for p in ("sparse-topk", "sparse-window")}
-DENSE |= {("sd3", "sparse-window")}
+# SD3 and the Flux references (32 px: 16x16 tokens) have 2x2 tiles of 8x8: any 3x3 window covers them all.
+DENSE |= {(m, "sparse-window") for m in ("sd3", "ref-flux", "ref-flux-textures")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
