@@ -30,16 +30,22 @@ MAX_CALLS_PER_STEP = 4
 
 @dataclass
 class CallRecord:
-    """What one denoiser call was, which blocks ran with how many tokens (telemetry), what each mechanism
-    decided for it (e.g. {"cache": "reuse", "guidance": "skip-uncond"}), and which submodules ran on fewer
-    tokens (token merging: module path -> cost-model Reduction), so that its FLOPs are accounted as run."""
+    """What one denoiser call was (its context, as the clock saw it), which blocks ran with how many tokens
+    (telemetry), what each mechanism decided for it (e.g. {"cache": "reuse", "guidance": "skip-uncond"}), which batch
+    rows ran when a mechanism ran fewer (guidance), and which submodules ran on fewer tokens (token merging: module
+    path -> cost-model Reduction), so that its FLOPs are accounted as run. `summary()` is built from records."""
 
     ctx: StepContext
     part: str = "denoiser"  # which of the session's denoisers made the call (its pipeline attribute)
     blocks: dict[int, int] = field(default_factory=dict)
     decisions: dict[str, str] = field(default_factory=dict)
-    dense_rows: int | None = None  # rows the dense model would have run, when a mechanism ran fewer
+    rows: tuple[int, ...] | None = None  # the batch rows that ran, when a mechanism asked for fewer (None: all)
     reductions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The branches of the rows that ran."""
+        return self.ctx.branches if self.rows is None else tuple(self.ctx.branches[i] for i in self.rows)
 
 
 def _timestep(value: Any) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -166,3 +167,32 @@ class HookSet:
             f"{where} was replaced after fastdiff.apply (fastdiff's hooks are on the module that was there), so "
             "this call would not compute what the config says. Call fastdiff.remove(pipe), then apply again "
             "after replacing modules")
+
+
+class Args:
+    """Read / replace a module's forward arguments by name, however the caller passed them (by position or by
+    keyword) — the one binder of the hooks on blocks and submodules: a table of positions made once per module when
+    its hook is made, so a call costs a dict lookup, never a signature bind. (The denoiser call itself is bound once
+    per call by the host: `host.Call.args`.)"""
+
+    def __init__(self, module: torch.nn.Module):
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # [0] is self
+        self.position: dict[str, int] = {}
+        for i, p in enumerate(params):
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                break
+            self.position[p.name] = i
+
+    def get(self, args: tuple, kwargs: dict, name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = self.position.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def set(self, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+        i = self.position.get(name)
+        if name not in kwargs and i is not None and i < len(args):
+            args = args[:i] + (value,) + args[i + 1:]
+        else:
+            kwargs = {**kwargs, name: value}
+        return args, kwargs

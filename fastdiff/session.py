@@ -9,6 +9,7 @@ not a ContextVar: dynamo traces reads of the former, so a whole-denoiser `torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import weakref
@@ -20,10 +21,11 @@ from . import parallel
 from .adapters.base import BlockAdapter
 from .clock import MAX_CALLS_PER_STEP, CallRecord, StepClock
 from .config import FastDiffConfig
-from .context import UNKNOWN, RunState, StepContext
+from .context import COND, UNCOND, UNKNOWN, RunState, StepContext
 from .cost.model import CostModel
 from .errors import FastDiffError
 from .hooks import HookSet
+from .host import Call, Hook, run_rows
 from .mechanisms.base import Mechanism
 from .summary import Summary
 
@@ -38,8 +40,9 @@ class Run:
         self.clock = StepClock(scheduler)
         self.records: list[CallRecord] = []
         self.states: dict[str, RunState] = {}
-        self.current: dict[str, CallRecord | None] = {}  # denoiser name -> its call in progress
+        self.current: dict[str, Call | None] = {}  # denoiser name -> its call in progress
         self.pending: list[CallRecord] = []  # control-network calls waiting for the step's denoiser call
+        self.signals: dict[str, str | None] = {}  # denoiser name -> the branch its pipeline's cache_context names
 
     def state(self, part: str) -> RunState:
         st = self.states.get(part)
@@ -54,8 +57,9 @@ class Run:
 
 
 class Part:
-    """One denoiser of a session, as its mechanisms see it: where to install hooks, the call in progress
-    (of the calling thread), this denoiser's run state and records, its cost model."""
+    """One denoiser of a session, and the `Host` its mechanisms see (`fastdiff.host`): it wraps the denoiser's
+    submodules, hands each hook the calling thread's call in progress, keeps their per-call state in the calling
+    thread's run, and runs fewer batch rows when asked."""
 
     def __init__(self, session: "Session", name: str, denoiser: torch.nn.Module, adapter: BlockAdapter,
                  mechanisms: list[Mechanism]):
@@ -69,36 +73,36 @@ class Part:
         return self.adapter.spec.control
 
     @property
-    def hooks(self) -> HookSet:
-        return self.session.hooks
-
-    @property
-    def config(self) -> FastDiffConfig:
-        return self.session.config
-
-    @property
-    def current_record(self) -> CallRecord | None:
+    def call(self) -> Call | None:
+        """This denoiser's call in progress in the calling thread (None outside one)."""
         run = getattr(self.session._local, "run", None)
         return None if run is None else run.current.get(self.name)
-
-    @property
-    def current(self):
-        rec = self.current_record
-        return rec.ctx if rec is not None else None
-
-    @property
-    def state(self) -> RunState:
-        return self.session._reporting_run().state(self.name)
-
-    @property
-    def records(self) -> list[CallRecord]:
-        return [r for r in self.session.records if r.part == self.name]
 
     @property
     def cost_model(self) -> CostModel:
         if self._cost is None:
             self._cost = CostModel(self.adapter)
         return self._cost
+
+    # -- Host ---------------------------------------------------------------------------------------
+    def wrap(self, module: Any, name: str, hook: Hook) -> None:
+        local, part = self.session._local, self.name
+
+        def handed(inner, args, kwargs):  # the one place that looks up the call in progress
+            run = getattr(local, "run", None)
+            return hook(None if run is None else run.current.get(part), inner, args, kwargs)
+
+        self.session.hooks.wrap(module, name, handed)
+
+    def state(self, call: Call, mechanism: Mechanism, slot: int | None = None) -> Any:
+        store = self.session._local.run.state(self.name)  # the call's own run: it is in progress in this thread
+        return store.get(mechanism.name, call.ctx.call if slot is None else slot, call.ctx.grid, mechanism.new_state)
+
+    def states(self, mechanism: Mechanism) -> list[Any]:
+        return self.session._reporting_run().state(self.name).of(mechanism.name)
+
+    def run_rows(self, call: Call, rows) -> None:
+        run_rows(call, rows)
 
 
 class Session:
@@ -144,14 +148,10 @@ class Session:
         return self._pipeline() if self._pipeline is not None else None
 
     @property
-    def current_record(self) -> CallRecord | None:
-        """The primary denoiser's call in progress in this thread (None outside a call)."""
-        return self.parts[0].current_record
-
-    @property
-    def current(self):
+    def current(self) -> StepContext | None:
         """StepContext of the primary denoiser's call in progress in this thread (None outside a call)."""
-        return self.parts[0].current
+        call = self.parts[0].call
+        return None if call is None else call.ctx
 
     @property
     def records(self) -> list[CallRecord]:
@@ -160,7 +160,8 @@ class Session:
 
     @property
     def state(self) -> RunState:
-        return self.parts[0].state
+        """The primary denoiser's run state (of the calling thread's call in progress, else of the latest run)."""
+        return self._reporting_run().state(self.parts[0].name)
 
     @property
     def cost_model(self) -> CostModel:
@@ -173,9 +174,12 @@ class Session:
             for part in self.parts:
                 for mechanism in part.mechanisms:  # innermost first
                     attached.append(mechanism)
-                    mechanism.attach(part.adapter, part)
+                    mechanism.attach(part.adapter, part)  # the part is the mechanism's host
                 # The clock is the outermost wrapper of each denoiser: every mechanism sees an open call.
                 self.hooks.wrap(part.denoiser, "fastdiff.clock", self._caller(part))
+                if not part.control and callable(getattr(type(part.denoiser), "cache_context", None)):
+                    self.hooks.wrap(part.denoiser, "fastdiff.clock.cache_context", self._branch_signal(part),
+                                    attr="cache_context")
             if self.scheduler is not None:
                 self._listen(self.scheduler)
             self.hooks.seal(*(p.denoiser for p in self.parts))  # a module replaced later is refused at call time
@@ -295,7 +299,8 @@ class Session:
         bound = adapter.bind(args, kwargs)
         hidden = adapter.hidden_input(bound)
         ctx, new_run = run.clock.tick(bound.get(adapter.spec.timestep_arg), tuple(hidden.shape), adapter.layout(bound))
-        ctx = dataclasses.replace(ctx, branches=adapter.branches(bound, self.pipeline, ctx.call))
+        signal = run.signals.get(part.name)
+        ctx = dataclasses.replace(ctx, branches=adapter.branches(bound, self.pipeline, ctx.call, signal))
         if new_run:
             run.drop_state()
             run.records = []
@@ -306,9 +311,29 @@ class Session:
         run.pending = []
         record = CallRecord(ctx, part=part.name)
         run.records.append(record)
-        run.current[part.name] = record
+        run.current[part.name] = Call(record, bound)
         self._last = run
         return run
+
+    def _branch_signal(self, part: Part):
+        """diffusers' `denoiser.cache_context(name)`, which pipelines enter around each CFG branch's call (FluxPipeline
+        true CFG, Qwen-Image, Wan, ...): while it is open, "cond" / "uncond" is the branch of the calling thread's
+        calls of this denoiser — the pipeline's own word, stronger than the call order of its CFG layout. Other names
+        ("cond_uncond": both halves in one call) say nothing of the rows: the layout decides there."""
+
+        @contextlib.contextmanager
+        def listening(inner, args, kwargs):
+            name = args[0] if args else kwargs.get("name")
+            run = self._run_here()
+            before = run.signals.get(part.name)
+            with inner(*args, **kwargs):
+                run.signals[part.name] = name if name in (COND, UNCOND) else None
+                try:
+                    yield
+                finally:
+                    run.signals[part.name] = before
+
+        return listening
 
     @torch.compiler.disable
     def _note_control(self, part: Part, args: tuple, kwargs: dict) -> None:
@@ -345,8 +370,15 @@ class Session:
 
     # -- reporting ----------------------------------------------------------------------------------
     def summary(self) -> Summary:
-        """What the last run did: per step and per block, with estimated FLOPs against dense."""
-        return Summary.build(self)
+        """What the last run did (every stage of it): per step and per block, with estimated FLOPs against dense."""
+        # Applied before enable_parallelism, fastdiff's clock sits under diffusers' split of the inputs and saw one
+        # rank's shard, from which the whole model's FLOPs cannot be priced exactly (attention spans all tokens).
+        shards = parallel.shards_of(self.denoiser)
+        ranks = shards.degree if shards is not None else 1
+        priced = self.accounted_fully and not (ranks > 1 and parallel.sees_shards(self.denoiser))
+        tracked = self.config.telemetry is not None and self.config.telemetry.enabled
+        return Summary.build(self.records, self.parts, config=self.strify(), tracked=tracked, ranks=ranks,
+                             priced=priced)
 
     def strify(self) -> str:
         return self.config.strify()

@@ -1,14 +1,12 @@
-"""Summary of the last sampling run: per step and per block decisions, tokens, estimated FLOPs."""
+"""Summary of the last sampling run: per step and per block decisions, tokens, estimated FLOPs — built from the
+run's call records (`clock.CallRecord`) and what each denoiser's adapter and cost model say of them."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Sequence
 
-from .parallel import sees_shards, shards_of
-
-if TYPE_CHECKING:
-    from .session import Session
+from .clock import CallRecord
 
 
 @dataclass
@@ -61,15 +59,22 @@ class Summary:
         return {**asdict(self), "estimated_speedup": self.estimated_speedup, "flops_per_rank": self.flops_per_rank}
 
     @classmethod
-    def build(cls, session: "Session") -> "Summary":
-        records = session.records
-        parts = {p.name: p for p in session.parts}
+    def build(cls, records: Sequence[CallRecord], parts: Sequence[Any], *, config: str, tracked: bool, ranks: int,
+              priced: bool) -> "Summary":
+        """The summary of `records` (one run's calls, in call order).
+
+        Args:
+            parts: the denoisers that made them, primary first: each with `name`, `adapter`, `control`,
+                `cost_model` and `mechanisms` (whose `report(records)` of the part's records is shown).
+            config: the config as a string.
+            tracked: telemetry recorded which blocks ran (else every block is counted as run).
+            ranks: context-parallel ranks the tokens were sharded over.
+            priced: FLOPs can be priced (every part has a cost model, and the records saw whole calls).
+        """
+        primary = parts[0]
+        parts = {p.name: p for p in parts}
         named = len(parts) > 1  # blocks of several denoisers: "transformer_2:blocks.3"
-        tracked = session.config.telemetry is not None and session.config.telemetry.enabled
-        # Applied before enable_parallelism, fastdiff's clock sits under diffusers' split of the inputs and saw one
-        # rank's shard, from which the whole model's FLOPs cannot be priced exactly (attention spans all tokens).
-        ranks = shards.degree if (shards := shards_of(session.denoiser)) is not None else 1
-        have_cost = session.accounted_fully and not (ranks > 1 and sees_shards(session.denoiser))
+        have_cost = priced
         rows: dict[int, StepRow] = {}
         per_block = {(f"{p.name}:" if named else "") + b.path: 0
                      for p in parts.values() if not p.control for b in p.adapter.blocks}
@@ -83,11 +88,11 @@ class Summary:
             if have_cost:
                 cost = part.cost_model
                 per = cost.block_flops(ctx.layout)
-                dense = (rec.dense_rows or ctx.batch_size) * sum(per)
+                dense = ctx.batch_size * sum(per)
                 if rec.reductions:  # submodules that ran on fewer tokens (merging) are priced as they ran
                     per = cost.block_flops(ctx.layout, rec.reductions)
                 ran = rec.blocks.keys() if tracked and not part.control else range(len(blocks))
-                flops = ctx.batch_size * (per[-1] + sum(per[i] for i in ran))
+                flops = len(rec.branches) * (per[-1] + sum(per[i] for i in ran))
                 total += flops
                 dense_total += dense
             for i in rec.blocks:
@@ -102,7 +107,7 @@ class Summary:
             if not part.control:  # a ControlNet's calls add FLOPs, not denoiser calls
                 row.calls += 1
                 row.decisions.append(",".join(f"{k}={v}" for k, v in rec.decisions.items()))
-                row.branches.append("/".join(sorted(set(ctx.branches))))
+                row.branches.append("/".join(sorted(set(rec.branches))))
                 row.blocks_total += len(blocks)
                 if tracked:
                     row.blocks_computed += len(rec.blocks)
@@ -111,9 +116,9 @@ class Summary:
                 row.dense_flops += dense
         last = records[-1].ctx if records else None
         return cls(
-            family=session.adapter.name,
-            model=type(session.denoiser).__name__,
-            config=session.strify(),
+            family=primary.adapter.name,
+            model=type(primary.denoiser).__name__,
+            config=config,
             run=last.run if last else -1,
             steps=len(rows),
             num_steps=last.num_steps if last else None,
@@ -123,24 +128,27 @@ class Summary:
             flops=total if have_cost and records else None,
             dense_flops=dense_total if have_cost and records else None,
             mechanisms={(f"{p.name}:" if named else "") + m.name: r
-                        for p in parts.values() for m in p.mechanisms if (r := m.report())},
+                        for p in parts.values() for m in p.mechanisms
+                        if (r := m.report([rec for rec in records if rec.part == p.name]))},
             ranks=ranks,
             stages=last.stage + 1 if last else 1,
         )
 
     def __str__(self) -> str:
         head = (f"fastdiff summary: {self.model} ({self.family}), config {self.config}, run {self.run}: "
-                f"{self.steps} steps, {self.calls} denoiser calls" + (f", {self.stages} stages" if self.stages > 1 else ""))
-        staged = self.stages > 1
-        lines = [head, ("stage " if staged else "") + f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} {'blocks':>9} "
-                       f"{'GFLOPs':>10} {'dense':>10}  decisions"]
+                f"{self.steps} steps, {self.calls} denoiser calls")
+        staged = self.stages > 1  # a stage column (and count) only for runs of several stages
+        head += f", {self.stages} stages" if staged else ""
+        lines = [head, ("stage " if staged else "") + f"{'step':>4} {'t':>9} {'calls':>5} {'branches':<16} {'tokens':>11} "
+                       f"{'blocks':>9} {'GFLOPs':>10} {'dense':>10}  decisions"]
         for r in self.per_step:
             tok = "-" if r.image_tokens is None else f"{r.image_tokens}+{r.text_tokens}"
             blk = "-" if r.blocks_computed is None else f"{r.blocks_computed}/{r.blocks_total}"
             gf = "-" if r.flops is None else f"{r.flops / 1e9:.3f}"
             gd = "-" if r.dense_flops is None else f"{r.dense_flops / 1e9:.3f}"
-            lines.append((f"{r.stage:>5} " if staged else "") + f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} {','.join(r.branches):<16} {tok:>11} "
-                         f"{blk:>9} {gf:>10} {gd:>10}  {' | '.join(d for d in r.decisions if d)}")
+            lines.append((f"{r.stage:>5} " if staged else "") + f"{r.step:>4} {r.timestep:>9.3f} {r.calls:>5} "
+                         f"{','.join(r.branches):<16} {tok:>11} {blk:>9} {gf:>10} {gd:>10}  "
+                         f"{' | '.join(d for d in r.decisions if d)}")
         if self.estimated_speedup is not None:
             lines.append(f"estimated FLOPs {self.flops / 1e9:.3f} G vs dense {self.dense_flops / 1e9:.3f} G "
                          f"-> {self.estimated_speedup:.2f}x")

@@ -1,4 +1,22 @@
-"""The one interface all four mechanisms (caching, merging, sparse attention, bottleneck) implement."""
+"""The one interface all four mechanisms (caching, merging, sparse attention, bottleneck) implement.
+
+A mechanism sees the model only through its `Host` (`fastdiff.host`): it wraps submodules by name, and each hook is
+handed the denoiser call in progress (`Call`: context, record, arguments bound once), or None outside one.
+
+Rules every mechanism keeps (the host enforces the first two):
+- **State** lives in the host, per call: `host.state(call, self)` is this mechanism's object (`new_state()`) for
+  the call's slot (its index in the step; a mechanism whose state spans the step's calls, guidance, names slot 0)
+  and its token grid, kept across the run. So branches, call slots and resolutions never share state, and nothing
+  per call is kept on the mechanism (it is shared by every thread calling the model).
+- **Stages** (a driver's `Session.begin_stage`): a stage on another token grid than the last drops the state of every
+  other grid — cached residuals, sparse patterns, merge metrics and guidance deltas of one grid are never reused on
+  another (a cache computes the new grid's first step) — and a stage on the same grid keeps it (steps count on).
+- **Schedules** that are fractions of the run (cache warm-up/cool-down, merge start/stop, sparse start, guidance
+  start) read the run's global step (`StepContext.step`) against the run's steps (`StepContext.num_steps`): a
+  two-stage run of 4 + 4 steps merges from step 2 with `start: 0.25`, wherever the stages split it.
+- **Cost**: `estimate_cost(table)` is pure over cost rows that each carry their own context (`cost.estimate.CostRow`),
+  read exactly as the hooks read a call's, with the same state rule.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..adapters.base import BlockAdapter
+    from ..clock import CallRecord
     from ..cost.estimate import CostTable
-    from ..session import Session
+    from ..host import Host
 
 
 class Mechanism(ABC):
-    """A mechanism attaches named hooks through the session and keeps per-run state in RunState.
+    """A mechanism attaches named hooks through its host and keeps per-call state there.
 
     Lifecycle: `validate(adapter)` (raise before anything is attached if the model is not supported) →
-    `attach(adapter, session)` → calls → `detach()`. Hooks themselves are removed by the session, all at
+    `attach(adapter, host)` → calls → `detach()`. Hooks themselves are removed by the host, all at
     once, so a mechanism never restores modules by hand.
     """
 
     name: str = "mechanism"
+    host: "Host | None" = None
 
     def __init__(self, config: Any):
         self.config = config
@@ -30,20 +50,21 @@ class Mechanism(ABC):
 
     @abstractmethod
     def estimate_cost(self, table: "CostTable") -> "CostTable":
-        """Pure: the FLOPs table after this mechanism (what it skips, shrinks or sparsifies)."""
+        """Pure: the FLOPs table after this mechanism (what it skips, shrinks or sparsifies), row by row."""
 
     @abstractmethod
-    def attach(self, adapter: "BlockAdapter", session: "Session") -> None:
-        """Install hooks with `session.hooks.wrap(...)`; nothing else may modify the model."""
+    def attach(self, adapter: "BlockAdapter", host: "Host") -> None:
+        """Install hooks with `host.wrap(...)`; nothing else may modify the model."""
 
     def detach(self) -> None:
-        """Drop references to the model and session (hooks are already gone)."""
-        self.session = None
+        """Drop references to the model and host (hooks are already gone)."""
+        self.host = None
 
-    def make_state(self) -> Any:
-        """Fresh per-(run, call) state; see RunState.slot."""
+    def new_state(self) -> Any:
+        """Fresh per-call state (see the state rule above)."""
         return None
 
-    def report(self) -> dict:
-        """Mechanism-specific numbers for `summary()` (e.g. the cache's memory); JSON-serialisable."""
+    def report(self, records: list["CallRecord"]) -> dict:
+        """Mechanism-specific numbers for `summary()` over the run's records of this mechanism's denoiser (e.g.
+        the cache's memory); JSON-serialisable."""
         return {}

@@ -2,16 +2,13 @@
 submodules of one denoiser.
 
 A `Site` is one submodule (e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn1`) with its role, its
-UNet level and the adapter block that holds it. `Args` reads and replaces a forward argument by name whether
-the caller passed it by position or by keyword, so the hooks never depend on how a block calls its children.
+UNet level and the adapter block that holds it. Hooks read their arguments through `hooks.Args`.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -67,29 +64,3 @@ def fused_qkv(module: torch.nn.Module) -> bool:
     if type(processor).__name__.startswith("Fused"):
         return True
     return bool(getattr(module, "fused_projections", False)) and hasattr(type(module), "_supports_qkv_fusion")
-
-
-class Args:
-    """Read / replace forward arguments by name, however they were passed."""
-
-    def __init__(self, module: torch.nn.Module):
-        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # [0] is self
-        self.position: dict[str, int] = {}
-        for i, p in enumerate(params):
-            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                break
-            self.position[p.name] = i
-
-    def get(self, args: tuple, kwargs: dict, name: str) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        i = self.position.get(name)
-        return args[i] if i is not None and i < len(args) else None
-
-    def set(self, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
-        i = self.position.get(name)
-        if name not in kwargs and i is not None and i < len(args):
-            args = args[:i] + (value,) + args[i + 1:]
-        else:
-            kwargs = {**kwargs, name: value}
-        return args, kwargs

@@ -32,7 +32,7 @@ def test_skipped_uncond_rows_are_cond_minus_the_last_delta_by_hand():
     delta = ref0[:2] - ref0[2:]
     torch.testing.assert_close(out1[:2], ref1_cond, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out1[2:], ref1_cond - delta, rtol=1e-5, atol=1e-6)
-    assert rec.decisions == {"guidance": "skip-uncond"} and rec.ctx.branches == ("cond", "cond")
+    assert rec.decisions == {"guidance": "skip-uncond"} and rec.branches == ("cond", "cond")
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3", "flux", "wan", "sd15"])

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 import fastdiff
 from fastdiff.adapters.base import TokenModule
 from fastdiff.attention import dispatch
+from fastdiff.clock import CallRecord
 from fastdiff.config import SparseConfig
 from fastdiff.context import RunState, StepContext, TokenLayout
 from fastdiff.errors import ConfigError, FastDiffError, UnsupportedModelError
 from fastdiff.eval import tiny
+from fastdiff.host import Call
 from fastdiff.mechanisms.sparse_attention import SparseAttention
 from fastdiff.mechanisms.sparse_attention import patterns as P
 from tests.adapters.facts import FAMILIES, UNET, VIDEO
@@ -79,12 +81,13 @@ def _attend(cfg, grid, q, k, v, n_text=0, text="none", position="none", step=0):
     """The mechanism's attention on raw q/k/v, outside any model: pattern, tile order and backend together."""
     mech = SparseAttention(SparseConfig(**cfg))
     mech.adapter = SimpleNamespace(name="test", spec=SimpleNamespace(text_position=position))
-    mech.session = SimpleNamespace(state=RunState())
+    store = RunState()
+    mech.host = SimpleNamespace(state=lambda call, m, slot=None: store.get(m.name, call.ctx.call, call.ctx.grid,
+                                                                           m.new_state))
     layout = TokenLayout(grid, n_text, position)
-    rec = SimpleNamespace(ctx=StepContext(0, step, 4, 0.0, 0, ("?",) * q.shape[0], layout), reductions={},
-                          decisions={})
+    call = Call(CallRecord(StepContext(0, step, 4, 0.0, 0, ("?",) * q.shape[0], layout)), {})
     site = SimpleNamespace(path="attn", level=0, spec=TokenModule("attn", "self_attention", text=text))
-    return mech._attend(site, rec, q, k, v, None, None), rec
+    return mech._attend(site, call, q, k, v, None, None), call.record
 
 
 @pytest.mark.parametrize("backend", ["gather", "sdpa", "flex"])

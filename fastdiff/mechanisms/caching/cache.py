@@ -1,7 +1,7 @@
 """Step caching: a span of blocks is computed at some steps and stood in for at the others.
 
 One mechanism, pluggable policies (when: `policies.py`) and estimators (what: `estimators.py`).
-Per denoiser call slot (a separate CFG call has its own) the run state holds one `SlotState`:
+Per denoiser call slot (a separate CFG call has its own) and token grid the host keeps one `CacheState`:
 
 - blocks before the span (`head`, Fn) and after it (`tail`, Bn) always run;
 - at the span's first block the policy decides for this call (one host sync at most);
@@ -16,7 +16,6 @@ Decision and bookkeeping code is wrapped in `torch.compiler.disable`, so blocks 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +23,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ... import parallel
-from ...errors import UnsupportedModelError
-from ...parallel import shards_of
 from ...context import RunState
+from ...errors import UnsupportedModelError
+from ...hooks import Args
+from ...parallel import shards_of
 from ..base import Mechanism
 from . import estimators
 from .policies import POLICIES, PolicyState, row_rel_change
@@ -43,8 +43,8 @@ class _Schedule:
 
 
 @dataclass
-class SlotState:
-    """Cache state of one denoiser call slot for one run."""
+class CacheState:
+    """Cache state of one denoiser call slot (and token grid) for one run."""
 
     record: Any = None  # the CallRecord the per-call scratch below belongs to
     span: tuple[int, int] = (0, 0)
@@ -145,51 +145,50 @@ class StepCache(Mechanism):
             flops.append([0.0 if reuse and span[0] <= b < span[1] else v for b, v in enumerate(row.flops)])
         return table.with_flops(flops)
 
-    def attach(self, adapter, session):
-        self.session = session
+    def attach(self, adapter, host):
+        self.host = host
         self.adapter = adapter
         self.lo, self.hi = self.cacheable_range(adapter)
         first = 0 if self.policy.needs_head_input else self.lo
         for block in adapter.blocks[first: self.hi]:
-            session.hooks.wrap(block.module, f"fastdiff.cache.{block.path}", self._wrapper(block))
+            host.wrap(block.module, f"fastdiff.cache.{block.path}", self._wrapper(block))
 
-    def make_state(self) -> SlotState:
-        return SlotState()
+    def new_state(self) -> CacheState:
+        return CacheState()
 
     def detach(self) -> None:
         # summary() after remove() reports what was held at the end of the last run; the state itself (span
-        # inputs, cached residuals) is per call in the run state, which remove() drops: none stays on the handle.
-        self._final = self.report()
+        # inputs, cached residuals) is per call in the host, which remove() drops: none stays on the handle.
+        self._final = self.report([])
         super().detach()
 
-    def report(self) -> dict:
-        if getattr(self, "session", None) is None:  # detached
+    def report(self, records) -> dict:
+        if self.host is None:  # detached
             return getattr(self, "_final", {})
-        held = sum(s.nbytes() for s in self.session.state.of(self.name))
+        held = sum(s.nbytes() for s in self.host.states(self))
         return {"cache_bytes": held, "cache_peak_bytes": self.peak_bytes, "offload": self.config.offload}
 
     # -- the hook -----------------------------------------------------------------------------------
     def _wrapper(self, block):
-        signature = inspect.signature(block.module.forward)
+        args_of = Args(block.module)
 
-        def cached(inner, args, kwargs):
-            replaced, out = self._before(block, signature, args, kwargs)
+        def cached(call, inner, args, kwargs):
+            replaced, out = self._before(call, block, args_of, args, kwargs)
             if replaced:
                 return out
             out = inner(*args, **kwargs)
-            self._after(block, out)
+            self._after(call, block, out)
             return out
 
         return cached
 
     @torch.compiler.disable
-    def _before(self, block, signature, args, kwargs) -> tuple[bool, Any]:
+    def _before(self, call, block, args_of, args, kwargs) -> tuple[bool, Any]:
         """Per-call bookkeeping; (True, stand-in output) when this block is not to run."""
-        rec = self.session.current_record
-        if rec is None:  # called outside a denoiser call (e.g. by the user): nothing to decide
+        if call is None:  # called outside a denoiser call (e.g. by the user): nothing to decide
             return False, None
-        ctx = rec.ctx
-        st: SlotState = self.session.state.get(self.name, ctx.call, ctx.grid, self.make_state)
+        rec, ctx = call.record, call.ctx
+        st: CacheState = self.host.state(call, self)
         if st.record is not rec:  # first cached-or-head block of this call
             st.record, st.reuse, st.head_in, st.span_in, st.enc_in = rec, False, None, None, None
             st.span = self.policy.span(ctx.step, ctx.num_steps, self.lo, self.hi)
@@ -200,10 +199,10 @@ class StepCache(Mechanism):
         i = block.index
         if not s <= i < e:
             if i == 0 and s > 0:
-                st.head_in = self._inputs(block, signature, args, kwargs)[0]
+                st.head_in = self._inputs(block, args_of, args, kwargs)[0]
             return False, None
         if i == s:
-            st.span_in, st.enc_in = self._inputs(block, signature, args, kwargs)
+            st.span_in, st.enc_in = self._inputs(block, args_of, args, kwargs)
             st.reuse = self._decide(st, ctx, block)
             rec.decisions[self.name] = (FORECAST if self.config.estimator != "reuse" else REUSE) if st.reuse else COMPUTE
         if not st.reuse:
@@ -212,20 +211,19 @@ class StepCache(Mechanism):
             leaves = st.estimators[(s, e, i)].predict(ctx.step)
             return True, tree_unflatten(leaves, st.treespec[i])
         if i < e - 1:  # the span's inner blocks pass their input through
-            return True, self._pack(block, st, *self._inputs(block, signature, args, kwargs))
+            return True, self._pack(block, st, *self._inputs(block, args_of, args, kwargs))
         dh, de = st.estimators[(s, e, -1)].predict(ctx.step)
         hidden = st.span_in + dh
         encoder = None if st.enc_in is None or de is None else st.enc_in + de
         return True, self._pack(block, st, hidden, encoder, last=True)
 
     @torch.compiler.disable
-    def _after(self, block, out) -> None:
+    def _after(self, call, block, out) -> None:
         # the calling thread's own call and state (never an attribute of this shared mechanism)
-        rec = self.session.current_record
-        if rec is None:
+        if call is None:
             return
-        ctx = rec.ctx
-        st: SlotState = self.session.state.get(self.name, ctx.call, ctx.grid, self.make_state)
+        ctx = call.ctx
+        st: CacheState = self.host.state(call, self)
         s, e = st.span
         i = block.index
         if not s <= i < e:
@@ -250,11 +248,11 @@ class StepCache(Mechanism):
                 self.policy.computed(st.policy, st.span_in, hidden_out)
         if i == e - 1:
             st.last_computed[(s, e)], st.consecutive = ctx.step, 0
-            held = sum(x.nbytes() for x in self.session.state.of(self.name))
+            held = sum(x.nbytes() for x in self.host.states(self))
             self.peak_bytes = max(self.peak_bytes, held)
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _decide(self, st: SlotState, ctx, block) -> bool:
+    def _decide(self, st: CacheState, ctx, block) -> bool:
         c = self.config
         s, e = st.span
         if self.policy.adaptive:
@@ -289,7 +287,7 @@ class StepCache(Mechanism):
             st.shapes[key] = tuple(shape)
         est.push(step, leaves)
 
-    def _trace(self, st: SlotState, step: int, dh: torch.Tensor) -> None:
+    def _trace(self, st: CacheState, step: int, dh: torch.Tensor) -> None:
         """Calibration: pair the policy's signal change with the span residual's own change, step to step."""
         est = st.estimators.get((*st.span, -1))
         rel = st.policy.extra.get("rel")
@@ -309,8 +307,8 @@ class StepCache(Mechanism):
         return tuple(out)
 
     @staticmethod
-    def _inputs(block, signature, args, kwargs):
+    def _inputs(block, args_of, args, kwargs):
         """(hidden, encoder) inputs of a block call; encoder None where the block takes none."""
-        bound = signature.bind(*args, **kwargs).arguments
         io = block.io
-        return bound[io.hidden_arg], bound.get(io.encoder_arg) if io.encoder_arg else None
+        encoder = args_of.get(args, kwargs, io.encoder_arg) if io.encoder_arg else None
+        return args_of.get(args, kwargs, io.hidden_arg), encoder

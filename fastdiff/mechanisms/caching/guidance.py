@@ -6,10 +6,10 @@ unconditional prediction is the conditional one minus the last measured delta, s
 guidance formula is left untouched.
 
 - separate CFG calls (Flux true CFG, Wan, HunyuanVideo): the unconditional call does not run at all;
-- batched CFG (DiT, PixArt, SD3, SD/SDXL, CogVideoX): the denoiser runs on the conditional rows only,
-  every batch-sized input is cut to those rows, and the output is put back together in the pipeline's
-  row order. Rows are paired in order (k-th cond row ↔ k-th uncond row), the layout every diffusers
-  pipeline uses; samples never mix.
+- batched CFG (DiT, PixArt, SD3, SD/SDXL, CogVideoX): the denoiser runs on the conditional rows only (the
+  host is asked to run those rows, so the call is accounted as run), every batch-sized input is cut to those
+  rows, and the output is put back together in the pipeline's row order. Rows are paired in order (k-th cond
+  row ↔ k-th uncond row), the layout every diffusers pipeline uses; samples never mix.
 """
 
 from __future__ import annotations
@@ -54,27 +54,26 @@ class GuidanceSkip(Mechanism):
             [0.0] * len(r.flops) if UNCOND in r.ctx.branches and r.ctx.step >= self._first_step(r.ctx.num_steps)
             else r.flops for r in table.rows)
 
-    def attach(self, adapter, session):
-        self.session = session
+    def attach(self, adapter, host):
+        self.host = host
         self.adapter = adapter
-        self.signature = inspect.signature(type(adapter.denoiser).forward)
-        session.hooks.wrap(adapter.denoiser, "fastdiff.guidance", self._wrapper)
+        host.wrap(adapter.denoiser, "fastdiff.guidance", self._wrapper)
 
-    def make_state(self) -> GuidanceState:
+    def new_state(self) -> GuidanceState:
         return GuidanceState()
 
     def _first_step(self, num_steps: int | None) -> int:
         return 0 if num_steps is None else round(self.config.start * num_steps)
 
     # -- the hook -----------------------------------------------------------------------------------
-    def _wrapper(self, inner, args, kwargs):
+    def _wrapper(self, call, inner, args, kwargs):
         # Deciding and bookkeeping run outside torch.compile (they read the step; traced, they would guard on it
         # and recompile every step); only the denoiser call itself is traced.
-        kind, st, info = self._plan()
+        kind, st, info = self._plan(call)
         if kind == "replace":
             return info
         if kind == "rows":
-            call_args, call_kwargs = self._cut(args, kwargs, info[0], len(info[0]) + len(info[1]))
+            call_args, call_kwargs = self._cut(call, info[0], len(info[0]) + len(info[1]))
             return self._fill(inner(*call_args, **call_kwargs), st, info)
         out = inner(*args, **kwargs)
         if kind != "pass":
@@ -82,18 +81,17 @@ class GuidanceSkip(Mechanism):
         return out
 
     @torch.compiler.disable
-    def _plan(self) -> tuple[str, Any, Any]:
+    def _plan(self, call) -> tuple[str, Any, Any]:
         """What this call does: "pass" (not a denoiser call), "cond" (store the conditional prediction),
         "uncond" / "batched" (run and measure the delta), "replace" (skipped: the stand-in output) or
         "rows" (run the conditional rows only)."""
-        rec = self.session.current_record
-        if rec is None:
+        if call is None:
             return "pass", None, None
-        ctx = rec.ctx
+        rec, ctx = call.record, call.ctx
         branches = ctx.branches
         if UNKNOWN in branches:
             self._unknown()
-        st: GuidanceState = self.session.state.get(self.name, 0, ctx.grid, self.make_state)
+        st: GuidanceState = self.host.state(call, self, slot=0)  # one state for the step's calls: the delta spans them
         if UNCOND not in branches:  # CFG off, or the conditional call of separate CFG
             return "cond", st, ctx.step
         cond_rows = [i for i, b in enumerate(branches) if b == COND]
@@ -103,14 +101,12 @@ class GuidanceSkip(Mechanism):
         if not cond_rows:  # separate calls: this is the unconditional one
             if skip and st.cond_step == ctx.step and st.cond.shape == st.delta.shape:
                 rec.decisions[self.name] = "skip-uncond"
-                rec.dense_rows = len(branches)
-                rec.ctx = dataclasses.replace(ctx, branches=())
+                self.host.run_rows(call, ())
                 return "replace", st, _with_sample(st.cond_out, st.cond - st.delta)
             return "uncond", st, (ctx.step, late)
         if skip and len(cond_rows) == len(uncond_rows) and st.delta.shape[0] == len(uncond_rows):
             rec.decisions[self.name] = "skip-uncond"
-            rec.dense_rows = len(branches)
-            rec.ctx = dataclasses.replace(ctx, branches=tuple(branches[i] for i in cond_rows))
+            self.host.run_rows(call, cond_rows)
             return "rows", st, (cond_rows, uncond_rows)
         return "batched", st, (cond_rows, uncond_rows, late)
 
@@ -148,9 +144,10 @@ class GuidanceSkip(Mechanism):
             st.converged = agree(converged, shards_of(self.adapter.denoiser), device=cos.device)
 
     @torch.compiler.disable
-    def _cut(self, args, kwargs, rows, batch):
-        """The call's arguments for `rows` of the batch: every tensor input with `batch` leading rows is cut."""
-        bound = self.signature.bind_partial(self.adapter.denoiser, *args, **kwargs)
+    def _cut(self, call, rows, batch):
+        """The call's arguments for `rows` of the batch: every tensor input with `batch` leading rows is cut. Read
+        from the call's arguments as the host bound them (this hook wraps the denoiser: it gets the same ones)."""
+        parameters = self.adapter.signature.parameters
         index = torch.tensor(rows)
 
         def cut(v):
@@ -163,8 +160,8 @@ class GuidanceSkip(Mechanism):
             return v
 
         call_args, call_kwargs = [], {}
-        for name, value in list(bound.arguments.items())[1:]:  # [0] is self
-            kind = self.signature.parameters[name].kind
+        for name, value in list(call.args.items())[1:]:  # [0] is self
+            kind = parameters[name].kind
             if kind is inspect.Parameter.VAR_POSITIONAL:
                 call_args.extend(cut(v) for v in value)
             elif kind is inspect.Parameter.VAR_KEYWORD:

@@ -17,10 +17,11 @@ is copied:
 
 One matching per (denoiser call, step, transformer block) — with `share: level`, per token grid, i.e. per UNet
 level — is computed at the first merged submodule it covers, from the input of the transformer block holding it (a
-light hook on each such block keeps a reference), and shared by the other submodules it covers in that call (state
-in the run state's per-call slot). Merging attaches inside caching: a block the cache stands in
+light hook on each such block keeps a reference), and shared by the other submodules it covers in that call (the host's
+per-call state). Merging attaches inside caching: a block the cache stands in
 for never calls its submodules, so it pays nothing. Every submodule that ran on fewer tokens is recorded on the
-call (`CallRecord.reductions`), which `summary()` prices with the cost model.
+call (`CallRecord.reductions`), which `summary()` prices with the cost model. Per-call state is the host's, per call
+slot and token grid (`MergeState`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ...adapters.base import RopeSpec, TokenModule, specs
 from ...context import level_grid
 from ...cost.model import Reduction
 from ...errors import FastDiffError, UnsupportedModelError
+from ...hooks import Args
 from ...parallel import PER_TOKEN
 from .. import sites as _sites
 from ..base import Mechanism
@@ -59,7 +61,9 @@ class Plan:
 
 
 @dataclass
-class CallState:
+class MergeState:
+    """Per call slot and token grid (the host's): this call's plans, the metric, the last step's metric."""
+
     record: Any = None  # the CallRecord the plans belong to
     plans: dict[Any, Plan | None] = field(default_factory=dict)  # share key -> plan
     block_input: torch.Tensor | None = None  # hidden_states of the transformer block running now (the metric)
@@ -215,81 +219,73 @@ class TokenMerge(Mechanism):
             out[s.path] = Reduction(n - r, n - r, extra)
         return out
 
-    def attach(self, adapter, session):
-        self.session = session
+    def attach(self, adapter, host):
+        self.host = host
         self.adapter = adapter
         chosen = self.sites(adapter)
         if self.config.method == "tome":  # the matching's metric is the block's input
             owners = {s.owner: s for s in chosen}
             for owner, site in owners.items():
                 block = adapter.denoiser.get_submodule(owner)
-                session.hooks.wrap(block, f"fastdiff.merge.{owner}", self._input_hook(block))
+                host.wrap(block, f"fastdiff.merge.{owner}", self._input_hook(block))
         for site in chosen:
             hook = self._todo_hook(site) if self.config.method == "todo" else self._tome_hook(site)
-            session.hooks.wrap(site.module, f"fastdiff.merge.{site.path}", hook)
+            host.wrap(site.module, f"fastdiff.merge.{site.path}", hook)
         if self.config.method == "todo":
-            session.hooks.wrap(adapter.denoiser, "fastdiff.merge.fused-qkv", self._fused_guard(chosen))
+            host.wrap(adapter.denoiser, "fastdiff.merge.fused-qkv", self._fused_guard(chosen))
 
     def _fused_guard(self, chosen):
         """Projections fused after apply: refused when the denoiser is called, before any block runs (the model
         is left as it is; unfusing makes the next call work)."""
 
-        def guard(inner, args, kwargs):
+        def guard(call, inner, args, kwargs):
             if fused := [s for s in chosen if _sites.fused_qkv(s.module)]:
                 raise FastDiffError(self._fused_message(self.adapter, fused))
             return inner(*args, **kwargs)
 
         return guard
 
-    def make_state(self) -> CallState:
-        return CallState()
+    def new_state(self) -> MergeState:
+        return MergeState()
 
-    def report(self) -> dict:
-        if getattr(self, "session", None) is None:  # removed: what the last run did, as it was at removal
-            return getattr(self, "_final", {})
-        records = self.session.records
+    def report(self, records) -> dict:
         merged = [r for r in records if r.reductions]
         return {"method": self.config.method, "calls_merged": len(merged), "calls": len(records),
                 "submodules": max((len(r.reductions) for r in merged), default=0)}
 
-    def detach(self) -> None:
-        self._final = self.report()
-        super().detach()
-
     # -- per call -----------------------------------------------------------------------------------
-    def _state(self) -> CallState | None:
-        """The per-call state of the denoiser call in progress (fresh for each call); None outside a call."""
-        rec = self.session.current_record
-        if rec is None:  # called outside a denoiser call (e.g. by the user): leave it alone
+    def _state(self, call) -> MergeState | None:
+        """The state of the denoiser call in progress (plans fresh for each call); None outside a call."""
+        if call is None:  # called outside a denoiser call (e.g. by the user): leave it alone
             return None
-        st: CallState = self.session.state.get(self.name, rec.ctx.call, rec.ctx.grid, self.make_state)
-        if st.record is not rec:
-            st.record, st.plans, st.block_input = rec, {}, None
+        st: MergeState = self.host.state(call, self)
+        if st.record is not call.record:
+            st.record, st.plans, st.block_input = call.record, {}, None
         return st
 
     def _input_hook(self, block):
-        args_of = _sites.Args(block)
+        args_of = Args(block)
 
         @torch.compiler.disable
-        def remember(args, kwargs):
-            st = self._state()
+        def remember(call, args, kwargs):
+            st = self._state(call)
             if st is not None:
                 st.block_input = args_of.get(args, kwargs, "hidden_states")  # a reference, no copy
 
-        def hook(inner, args, kwargs):
-            remember(args, kwargs)
+        def hook(call, inner, args, kwargs):
+            remember(call, args, kwargs)
             return inner(*args, **kwargs)
 
         return hook
 
     @torch.compiler.disable
-    def _plan(self, site, image: torch.Tensor) -> Plan | None:
+    def _plan(self, call, site, image: torch.Tensor) -> Plan | None:
         """This call's plan for the site's token grid (computed by the first submodule on it); None: unmerged."""
-        st = self._state()
+        st = self._state(call)
         if st is None:
             return None
         rec = st.record
-        ctx = rec.ctx
+        ctx = call.ctx
         grid = level_grid(ctx.layout.grid, site.level)
         key = self._share_key(site, grid)
         if key in st.plans:
@@ -331,7 +327,7 @@ class TokenMerge(Mechanism):
         """Submodules with the same key share one matching in a call: the transformer block, or the token grid."""
         return grid if self.config.share == "level" or self.config.method == "todo" else (grid, site.owner)
 
-    def _protect(self, st: CallState, key, metric: torch.Tensor) -> torch.Tensor | None:
+    def _protect(self, st: MergeState, key, metric: torch.Tensor) -> torch.Tensor | None:
         """keep_changed: the tokens whose metric moved most since this call slot's previous step are not merged."""
         k = int(self.config.keep_changed * metric.shape[1])
         prev = st.previous.get(key)
@@ -343,21 +339,20 @@ class TokenMerge(Mechanism):
         return torch.zeros_like(change, dtype=torch.bool).scatter_(1, top, True)
 
     @torch.compiler.disable
-    def _record(self, site, plan: Plan) -> None:
-        rec = self.session.current_record
-        rec.reductions[site.path] = Reduction(plan.query, plan.keys, plan.extra)
+    def _record(self, call, site, plan: Plan) -> None:
+        call.record.reductions[site.path] = Reduction(plan.query, plan.keys, plan.extra)
         plan.extra = 0.0  # the matching is charged once per grid
 
     def _tome_hook(self, site):
-        args_of = _sites.Args(site.module)
+        args_of = Args(site.module)
         spec = site.spec
         proportional = proportional_ok(spec)  # validate() refused proportional where a self-attention is not
 
-        def merged(inner, args, kwargs):
+        def merged(call, inner, args, kwargs):
             hidden = args_of.get(args, kwargs, "hidden_states")
-            n_img = self._image_tokens(site, hidden)
+            n_img = self._image_tokens(call, site, hidden)
             image = hidden if spec.text != "first" else hidden[:, hidden.shape[1] - n_img:]
-            plan = self._plan(site, image)
+            plan = self._plan(call, site, image)
             if plan is None:
                 return inner(*args, **kwargs)
             n_text = hidden.shape[1] - n_img if spec.text == "first" else 0
@@ -378,36 +373,35 @@ class TokenMerge(Mechanism):
                 if rope is not None:
                     args, kwargs = args_of.set(args, kwargs, spec.rope.arg, _gather_rope(rope, spec.rope, plan))
                 out = inner(*args, **kwargs)
-            self._record(site, plan)
+            self._record(call, site, plan)
             return self._unmerge(site, out, plan, n_text)
 
         return merged
 
     def _todo_hook(self, site):
-        args_of = _sites.Args(site.module)
+        args_of = Args(site.module)
         kv_arg = site.spec.kv_arg
 
-        def pooled(inner, args, kwargs):
+        def pooled(call, inner, args, kwargs):
             hidden = args_of.get(args, kwargs, "hidden_states")
             if args_of.get(args, kwargs, kv_arg) is not None:  # attending to other tokens here: not self-attention
                 return inner(*args, **kwargs)
-            plan = self._plan(site, hidden)
+            plan = self._plan(call, site, hidden)
             if plan is None:
                 return inner(*args, **kwargs)
             self._no_image_mask(site, args_of, args, kwargs)
             args, kwargs = args_of.set(args, kwargs, kv_arg, _todo.pool(hidden, plan.grid, self.config.factor))
             out = inner(*args, **kwargs)
-            self._record(site, plan)
+            self._record(call, site, plan)
             return out
 
         return pooled
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _image_tokens(self, site, hidden: torch.Tensor) -> int:
-        rec = self.session.current_record
-        if rec is None or rec.ctx.layout is None:
+    def _image_tokens(self, call, site, hidden: torch.Tensor) -> int:
+        if call is None or call.ctx.layout is None:
             return hidden.shape[1]
-        return math.prod(level_grid(rec.ctx.layout.grid, site.level))
+        return math.prod(level_grid(call.ctx.layout.grid, site.level))
 
     def _shrink_mask(self, site, args_of, args, kwargs, plan: Plan):
         """A key mask over [image; text] loses the merged image keys; a mask over image keys nothing knows

@@ -8,7 +8,7 @@ made inside it (`fastdiff.attention.route`) to `_attend`, which:
 1. checks the call is the site's self-attention over [image; text] (text before or after, as the adapter says);
 2. builds the geometry (tile order, block boxes) of the call's token grid at the site's level, once per layout;
 3. takes the pattern: a static one (window, criss-cross) once per geometry, or a predicted one (top-k / top-p of
-   pooled q·k scores) once per (call slot, site) and reused for `refresh` steps (AdaSpa: patterns are stable
+   pooled q·k scores) once per (call slot, token grid, site) and reused for `refresh` steps (AdaSpa: patterns are stable
    across steps) — per batch row and head;
 4. permutes q, k, v into tile order, calls `attention.dispatch`, and puts the output back in sequence order.
 
@@ -47,7 +47,9 @@ class Predicted:
 
 
 @dataclass
-class CallState:
+class SparseState:
+    """Per call slot and token grid (the host's): a prediction is reused only on the grid it was made for."""
+
     predicted: dict[str, Predicted] = field(default_factory=dict)  # site path -> last prediction (this call slot)
 
 
@@ -89,10 +91,10 @@ class SparseAttention(Mechanism):
                 f"'{family}' family sparse")
 
     # -- Mechanism ----------------------------------------------------------------------------------
-    def attach(self, adapter, session):
-        self.session, self.adapter = session, adapter
+    def attach(self, adapter, host):
+        self.host, self.adapter = host, adapter
         for site in self.sites(adapter):
-            session.hooks.wrap(site.module, f"fastdiff.sparse.{site.path}", self._hook(site))
+            host.wrap(site.module, f"fastdiff.sparse.{site.path}", self._hook(site))
         route.install(self)  # last: nothing below can fail, so a failed attach never leaves SDPA routed
         self._routed = True
 
@@ -100,17 +102,14 @@ class SparseAttention(Mechanism):
         if self._routed:
             route.uninstall(self)
             self._routed = False
-        self._final = self.report()
         super().detach()
 
-    def make_state(self) -> CallState:
-        return CallState()
+    def new_state(self) -> SparseState:
+        return SparseState()
 
-    def report(self) -> dict:
-        if getattr(self, "session", None) is None:
-            return getattr(self, "_final", {})
+    def report(self, records) -> dict:
         per_site: dict[str, list[float]] = {}
-        for rec in self.session.records:
+        for rec in records:
             for path, red in rec.reductions.items():  # 1.0: the site ran dense (its pattern listed every block)
                 per_site.setdefault(path, []).append(red.density)
         return {"pattern": self.config.pattern,
@@ -151,15 +150,14 @@ class SparseAttention(Mechanism):
         return num_steps is None or step >= round(self.config.start * num_steps)
 
     def _hook(self, site):
-        def hook(inner, args, kwargs):
-            rec = self.session.current_record
-            if rec is None or not self._active(rec.ctx.step, rec.ctx.num_steps):
+        def hook(call, inner, args, kwargs):
+            if call is None or not self._active(call.ctx.step, call.ctx.num_steps):
                 return inner(*args, **kwargs)
             seen = []
 
             def handler(q, k, v, mask, scale):
                 seen.append(True)
-                return self._attend(site, rec, q, k, v, mask, scale)
+                return self._attend(site, call, q, k, v, mask, scale)
 
             with route.handling(handler):
                 out = inner(*args, **kwargs)
@@ -174,13 +172,13 @@ class SparseAttention(Mechanism):
         return hook
 
     @torch.compiler.disable
-    def _attend(self, site, rec, q, k, v, mask, scale):
+    def _attend(self, site, call, q, k, v, mask, scale):
         c = self.config
         if q.ndim != 4 or k.shape[2] != q.shape[2]:
             raise FastDiffError(
                 f"sparse attention: {site.path} called attention with query {tuple(q.shape)} and key {tuple(k.shape)}; "
                 "it expects self-attention (batch, heads, tokens, dim) with as many keys as queries")
-        grid = level_grid(rec.ctx.layout.grid, site.level)
+        grid = level_grid(call.ctx.layout.grid, site.level)
         n_img = math.prod(grid)
         n_text = q.shape[2] - n_img
         if n_text < 0 or (n_text and site.spec.text == "none"):
@@ -193,10 +191,10 @@ class SparseAttention(Mechanism):
         if any(h >= heads for h in c.dense_heads):
             raise FastDiffError(f"sparse.dense_heads {c.dense_heads}: {site.path} has only {heads} heads")
         if c.pattern in ("topk", "topp"):
-            sparse, dens = self._predicted(site, rec, geom, q, k, scale)
+            sparse, dens = self._predicted(site, call, geom, q, k, scale)
         else:
             sparse, dens = self._static_pattern(geom, heads, q.device)
-        self._record(site, rec, n_img, dens)
+        self._record(site, call.record, n_img, dens)
         if sparse is None:  # every block listed: the model's own dense attention, bit-identical
             return None
         order, inverse = geom.order, geom.inverse
@@ -276,11 +274,11 @@ class SparseAttention(Mechanism):
                 self._static[key] = (dispatch.BlockSparse(index.to(device), count.to(device), geom.block), dens)
         return self._static[key]
 
-    def _predicted(self, site, rec, geom, q, k, scale):
+    def _predicted(self, site, call, geom, q, k, scale):
         c = self.config
-        st: CallState = self.session.state.get(self.name, rec.ctx.call, rec.ctx.grid, self.make_state)
+        st: SparseState = self.host.state(call, self)
         prev = st.predicted.get(site.path)
-        step = rec.ctx.step
+        step = call.ctx.step
         fresh = prev is None or (c.refresh and step - prev.step >= c.refresh) or prev.rows not in (1, q.shape[0])
         if not fresh:
             return prev.sparse, prev.density
