@@ -361,7 +361,7 @@ def test_key_mask_over_image_and_text_keeps_its_text_part():
     plan = merge_mod.Plan((3, 4, 4), 48, 28, 28, kept=m.kept)
     mask = torch.ones(2, 1, 1, 48 + 8, dtype=torch.bool)
     mask[0, ..., -3:] = False  # padded text of row 0
-    args_of = merge_mod._sites.Args(site.module)
+    args_of = merge_mod.Args(site.module)
     _, kwargs = mech._shrink_mask(site, args_of, (), {"attention_mask": mask}, plan)
     out = kwargs["attention_mask"]
     assert out.shape == (2, 1, 1, 28 + 8) and out[..., :28].all()
