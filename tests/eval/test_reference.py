@@ -1,10 +1,17 @@
-"""The committed reference models (ref-digits, ref-unet, ref-textures) and their classifiers load, sample
+"""The committed reference models (ref-digits, ref-unet, ref-textures, ref-flux, ref-flux-textures) and their classifiers load, sample
 deterministically, are good enough to judge accelerations by, run through the real diffusers classes, and lay out
 CFG the way fastdiff's adapters read it; fastdiff applies to each and its removal restores them bit for bit."""
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    UNet2DConditionModel,
+)
 
 import fastdiff
 from fastdiff.eval import reference
@@ -16,9 +23,13 @@ MODELS = {
     "ref-digits": ("transformer", DiTTransformer2DModel, "dit", (1, 16, 16), 0.7),
     "ref-unet": ("unet", UNet2DConditionModel, "unet", (1, 32, 32), 0.8),
     "ref-textures": ("transformer", DiTTransformer2DModel, "dit", (3, 32, 32), 0.5),  # chance: 0.1
+    "ref-flux": ("transformer", FluxTransformer2DModel, "flux", (1, 32, 32), 0.8),
+    "ref-flux-textures": ("transformer", FluxTransformer2DModel, "flux", (3, 32, 32), 0.5),
 }
 # held-out real images the classifier must recognise (the model cards give the exact numbers)
-CLASSIFIER_MIN = {"ref-digits": 0.95, "ref-unet": 0.95, "ref-textures": 0.8}
+CLASSIFIER_MIN = {"ref-digits": 0.95, "ref-unet": 0.95, "ref-textures": 0.8, "ref-flux": 0.95,
+                  "ref-flux-textures": 0.8}
+FLUX = [n for n in MODELS if MODELS[n][2] == "flux"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,7 +154,9 @@ def test_fastdiff_sees_cond_and_uncond_branches(name, pipe):
         fastdiff.remove(pipe)
     assert torch.equal(out, base)
     assert summary.family == MODELS[name][2] and summary.steps == 3
-    assert {b for row in summary.per_step for b in row.branches} == {"cond/uncond"}
+    # DiT/UNet pipelines batch both branches in one call; FluxPipeline's true CFG makes one call per branch
+    expected = {"cond", "uncond"} if name in FLUX else {"cond/uncond"}
+    assert {b for row in summary.per_step for b in row.branches} == expected
 
 
 @pytest.mark.parametrize("preset", ["cache-fast", "cache-ultra"])
@@ -159,3 +172,34 @@ def test_cache_preset_accelerates_and_remove_restores_bit_identical_output(name,
     assert summary.estimated_speedup > 1.1 and not torch.equal(out, base)
     assert (out - base).abs().mean() < 0.2  # still the same images, roughly (no blow-up)
     assert torch.equal(pipe([1, 4], generator=_seeds(2), **kw).images, base)
+
+
+@pytest.mark.parametrize("name", FLUX)
+def test_flux_reference_runs_through_fluxpipeline_with_true_cfg_at_every_trained_size(name):
+    pipe = reference.load(name)
+    assert isinstance(pipe, FluxPipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append((kwargs["hidden_states"].shape[1], kwargs["img_ids"].shape[0], kwargs["encoder_hidden_states"]))
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for size in (16, 24, 32):
+            images = pipe([2, 5], num_inference_steps=2, guidance_scale=3.0, size=size, generator=_seeds(2)).images
+            assert images.shape == (2, MODELS[name][3][0], size, size) and 0 <= images.min() and images.max() <= 1
+    finally:
+        handle.remove()
+    assert [n for n, _, _ in seen] == [64] * 4 + [144] * 4 + [256] * 4  # packed 2x2 tokens; 2 calls per step
+    assert all(n == ids for n, ids, _ in seen)
+    with torch.no_grad():
+        cond, null = pipe.class_prompt(torch.tensor([2, 5])), pipe.class_prompt(torch.tensor([NULL, NULL]))
+    assert torch.equal(seen[0][2], cond[0]) and torch.equal(seen[1][2], null[0])  # cond call first, then the null
+
+
+@pytest.mark.parametrize("name", FLUX)
+def test_flux_reference_samples_are_recognised_at_the_bottleneck_size(name):
+    pipe, clf = reference.load(name), reference.load_classifier(name)
+    labels = torch.arange(10).repeat(2)
+    images = pipe(labels.tolist(), num_inference_steps=10, guidance_scale=3.0, size=16, generator=_seeds(20, 100)).images
+    assert clf.accuracy(images, labels) >= MODELS[name][4]
