@@ -1,1 +1,1 @@
-"""Evaluation: reference models trained by this project, peers, benchmarks (installed as fastdiff.eval)."""
+../fastdiff/eval/__init__.py

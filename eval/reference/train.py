@@ -1,6 +1,6 @@
 """Train a reference model (and, when needed, its data set's classifier) on CPU, evaluate, write weights + model card.
 
-    python -m fastdiff.eval.reference.train --model ref-unet --out eval/reference/weights
+    python -m fastdiff.eval.reference.train --model ref-unet --out fastdiff/eval/reference/weights
 
 One training loop for every reference model: the recipe (`recipe.py`) says which diffusers models to build and
 how to call them, the data set (`data.py`) what to learn. One thread, one seed: a run is reproducible on the same

@@ -1,7 +1,7 @@
 """Train `ref-digits` (and the digits classifier): `train.py --model ref-digits`, under the command its model card
 was first written with.
 
-    python -m fastdiff.eval.reference.train_digits --out eval/reference/weights
+    python -m fastdiff.eval.reference.train_digits --out fastdiff/eval/reference/weights
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The source tree is the import tree: fastdiff.a.b is fastdiff/a/b.py of the checkout (eval/, installed as
-fastdiff.eval, is the one exception until it moves under fastdiff/), a plain checkout on PYTHONPATH imports, and
-every package in the tree ships in the wheel (setuptools lists them explicitly)."""
+"""The source tree is the import tree: fastdiff.a.b is fastdiff/a/b.py of the checkout (no package-dir remap), a
+plain checkout on PYTHONPATH imports (the evaluation tools and reference models too), and every package in the tree
+ships in the wheel (setuptools lists them explicitly)."""
 
 import importlib
 import os
@@ -13,42 +13,37 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-REMAPPED = "fastdiff.eval"  # the only package-dir entry left: eval/ -> fastdiff.eval
 
 
 def _folder(package: str) -> Path:
-    """Where setuptools takes `package` from: its package-dir entry, else the path its dotted name spells."""
-    for name, folder in TOOL.get("package-dir", {}).items():
-        if package == name or package.startswith(name + "."):
-            return ROOT / folder / Path(*package[len(name):].split(".")[1:])
+    """Where setuptools takes `package` from: the path its dotted name spells."""
     return ROOT / Path(*package.split("."))
 
 
-def test_only_eval_is_remapped():
-    assert set(TOOL.get("package-dir", {})) <= {REMAPPED}, TOOL["package-dir"]
+def test_nothing_is_remapped():
+    assert not TOOL.get("package-dir"), TOOL["package-dir"]
 
 
 def test_every_package_is_listed_and_exists():
     listed = set(TOOL["packages"])
     for package in listed:
         assert (_folder(package) / "__init__.py").is_file(), f"{package}: no {_folder(package)}/__init__.py"
-    for top, folder in (("fastdiff", ROOT / "fastdiff"), (REMAPPED, ROOT / "eval")):
-        for init in folder.rglob("__init__.py"):
-            rel = init.parent.relative_to(folder)
-            if "__pycache__" in rel.parts:
-                continue
-            name = ".".join([top, *rel.parts])
-            assert name in listed, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
+    folder = ROOT / "fastdiff"
+    for init in folder.rglob("__init__.py"):
+        rel = init.parent.relative_to(folder)
+        if "__pycache__" in rel.parts:
+            continue
+        name = ".".join(["fastdiff", *rel.parts])
+        assert name in listed, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
 
 
 def test_every_module_is_the_file_its_name_spells():
     """Import every listed package; each fastdiff.* module then loaded lies at fastdiff/<dotted path> of this
     checkout (a package-dir remap, or a stale install, puts it elsewhere)."""
     for package in TOOL["packages"]:
-        if not package.startswith(REMAPPED):
-            importlib.import_module(package)
-    loaded = {n: m for n, m in sys.modules.items() if n.startswith("fastdiff.") and not n.startswith(REMAPPED)}
-    assert "fastdiff.kernels.runtime" in loaded and "fastdiff.configs" in loaded
+        importlib.import_module(package)
+    loaded = {n: m for n, m in sys.modules.items() if n.startswith("fastdiff.")}
+    assert {"fastdiff.kernels.runtime", "fastdiff.configs", "fastdiff.eval.reference"} <= set(loaded)
     for name, module in loaded.items():
         path = Path(module.__file__).resolve()
         spelled = ROOT / Path(*name.split("."))
@@ -61,7 +56,9 @@ def test_a_plain_checkout_on_pythonpath_imports(tmp_path):
     paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sorted(paths)])}
     code = ("import sys, fastdiff, fastdiff.kernels, fastdiff.configs, fastdiff.attention.dispatch\n"
+            "from fastdiff.eval import reference, tiny\n"
             "assert not any('editable' in repr(f).lower() for f in sys.meta_path), sys.meta_path\n"
+            "assert reference.load('ref-digits') is not None\n"
             "print(fastdiff.__file__, fastdiff.kernels.__file__, ','.join(fastdiff.presets()))")
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
