@@ -1,1 +1,0 @@
-../fastdiff/eval/__init__.py

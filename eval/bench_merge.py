@@ -1,1 +1,0 @@
-../fastdiff/eval/bench_merge.py

@@ -1,1 +1,0 @@
-../fastdiff/eval/peer_backends.py

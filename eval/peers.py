@@ -1,1 +1,0 @@
-../fastdiff/eval/peers.py

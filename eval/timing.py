@@ -1,1 +1,0 @@
-../fastdiff/eval/timing.py
