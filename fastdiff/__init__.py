@@ -103,6 +103,15 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
             f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "
             f"CFG branches (the '{parts[0][2].name}' adapter knows {sorted(parts[0][2].spec.pipelines)}); "
             "drop the guidance section or register the pipeline's layout (fastdiff.register_pipeline)")
+    drivers = [m for m in parts[0][3] if getattr(m, "outer", False)]
+    if drivers:  # resolution-bottleneck sampling drives the pipeline's one denoiser and scheduler
+        if len(parts) > 1:
+            raise UnsupportedModelError(
+                f"{type(pipeline).__name__}: resolution-bottleneck sampling changes the latent size the denoiser sees, "
+                f"and this pipeline calls {[n for n, *_ in parts]}, whose inputs it would not resize; supported: "
+                "pipelines with one denoiser and no control network")
+        for driver in drivers:
+            driver.check_pipeline(pipeline, scheduler, type(denoiser).__name__)
     session = Session(parts, cfg.for_family(parts[0][2].name), pipeline=pipeline, scheduler=scheduler)
     session.attach()
     return session

@@ -41,6 +41,8 @@ class CallRecord:
     decisions: dict[str, str] = field(default_factory=dict)
     rows: tuple[int, ...] | None = None  # the batch rows that ran, when a mechanism asked for fewer (None: all)
     reductions: dict[str, Any] = field(default_factory=dict)
+    dense_layout: TokenLayout | None = None  # the layout the model without fastdiff runs the call at, where a driver
+    # (resolution bottleneck) runs it smaller; None: the call's own
 
     @property
     def branches(self) -> tuple[str, ...]:

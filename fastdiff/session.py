@@ -173,15 +173,20 @@ class Session:
         try:
             for part in self.parts:
                 for mechanism in part.mechanisms:  # innermost first
-                    attached.append(mechanism)
-                    mechanism.attach(part.adapter, part)  # the part is the mechanism's host
-                # The clock is the outermost wrapper of each denoiser: every mechanism sees an open call.
+                    if not getattr(mechanism, "outer", False):
+                        attached.append(mechanism)
+                        mechanism.attach(part.adapter, part)  # the part is the mechanism's host
+                # The clock wraps every mechanism of a denoiser: each sees an open call.
                 self.hooks.wrap(part.denoiser, "fastdiff.clock", self._caller(part))
                 if not part.control and callable(getattr(type(part.denoiser), "cache_context", None)):
                     self.hooks.wrap(part.denoiser, "fastdiff.clock.cache_context", self._branch_signal(part),
                                     attr="cache_context")
             if self.scheduler is not None:
                 self._listen(self.scheduler)
+            for part in self.parts:  # a driver (bottleneck) wraps outside the clock, so the clock sees its stages
+                for driver in [m for m in part.mechanisms if getattr(m, "outer", False)]:
+                    attached.append(driver)
+                    driver.attach_driver(part.adapter, self.hooks, self.scheduler, self.pipeline, self)
             self.hooks.seal(*(p.denoiser for p in self.parts))  # a module replaced later is refused at call time
             for part in self.parts:
                 part.denoiser.__dict__[ATTR] = self
@@ -310,6 +315,9 @@ class Session:
         run.records += run.pending
         run.pending = []
         record = CallRecord(ctx, part=part.name)
+        for driver in part.mechanisms:  # a driver running the call at another size says what dense would run
+            if getattr(driver, "outer", False) and ctx.layout is not None:
+                record.dense_layout = driver.dense_layout(ctx.layout)
         run.records.append(record)
         run.current[part.name] = Call(record, bound)
         self._last = run

@@ -88,7 +88,7 @@ class Summary:
             if have_cost:
                 cost = part.cost_model
                 per = cost.block_flops(ctx.layout)
-                dense = ctx.batch_size * sum(per)
+                dense = ctx.batch_size * sum(per if rec.dense_layout is None else cost.block_flops(rec.dense_layout))
                 if rec.reductions:  # submodules that ran on fewer tokens (merging) are priced as they ran
                     per = cost.block_flops(ctx.layout, rec.reductions)
                 ran = rec.blocks.keys() if tracked and not part.control else range(len(blocks))

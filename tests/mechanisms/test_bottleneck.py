@@ -134,3 +134,63 @@ def test_two_stages_run_low_then_full_and_repeat_exactly(flux):
     assert shapes == [16] * 6 + [64] * 6  # 3 steps x 2 CFG calls at a quarter of the tokens, then full
     assert torch.equal(_drive(pipe, (Stage(2, 0.5), Stage(1, 0.5, 0.6)), []), out)  # deterministic
     assert torch.equal(tiny.output_tensor(pipe(**_call())), base)  # hooks gone: the pipeline as before
+
+
+# -- through fastdiff.apply ------------------------------------------------------------------------------------
+
+import fastdiff  # noqa: E402
+
+TWO_STAGES = {"bottleneck": {"stages": [{"scale": 2, "steps": 0.5}, {"scale": 1, "steps": 0.5, "strength": 0.6}]}}
+
+
+def test_apply_runs_the_stages_as_one_run_and_estimate_matches_the_accounting(flux):
+    pipe, base = flux
+    h = fastdiff.apply(pipe, TWO_STAGES)
+    try:
+        out = tiny.output_tensor(pipe(**_call()))
+        s = h.summary()
+    finally:
+        h.remove()
+    assert out.shape == base.shape and torch.isfinite(out).all() and not torch.equal(out, base)
+    assert s.steps == 6 and [r.step for r in s.per_step] == list(range(6))  # one run, global steps 0..5
+    assert [r.stage for r in s.per_step] == [0, 0, 0, 1, 1, 1]
+    est = fastdiff.estimate(pipe, TWO_STAGES, height=32, width=32, steps=6, text_tokens=8)
+    assert s.flops == pytest.approx(est.flops, rel=1e-9) and s.dense_flops == pytest.approx(est.dense_flops, rel=1e-9)
+    assert est.speedup > 1.2
+    assert torch.equal(tiny.output_tensor(pipe(**_call())), base)  # removed: bit-identical
+
+
+def test_apply_matches_the_bare_driver(flux):
+    pipe, _ = flux
+    with fastdiff.accelerated(pipe, TWO_STAGES):
+        out = tiny.output_tensor(pipe(**_call()))
+    stages = (Stage(2, 0.5), Stage(1, 0.5, 0.6))
+    assert torch.equal(out, _drive(pipe, stages, []))
+
+
+def test_bottleneck_composes_with_caching(flux):
+    pipe, base = flux
+    cfg = {**TWO_STAGES, "cache": {"policy": "static", "interval": 2, "warmup": 1, "cooldown": 0}}
+    with fastdiff.accelerated(pipe, cfg) as h:
+        out = tiny.output_tensor(pipe(**_call()))
+        s = h.summary()
+    decisions = [d for r in s.per_step for d in r.decisions]
+    assert torch.isfinite(out).all() and any("cache=reuse" in d for d in decisions)
+    assert s.flops < fastdiff.estimate(pipe, TWO_STAGES, height=32, width=32, steps=6, text_tokens=8).flops
+
+
+def test_refusals_name_what_is_supported():
+    dit = tiny.build_pipeline("dit")
+    with pytest.raises(fastdiff.UnsupportedModelError, match=r"DiTTransformer2DModel: resolution-bottleneck.*'dit'.*"
+                                                             r"supported families: \['flux', 'hunyuan', 'sd3', 'wan'\]"):
+        fastdiff.apply(dit, TWO_STAGES)
+    assert fastdiff.session_of(dit) is None
+    flux_pipe = tiny.build_pipeline("flux")
+    with pytest.raises(fastdiff.UnsupportedModelError, match="apply fastdiff to the pipeline"):
+        fastdiff.apply(flux_pipe.transformer, TWO_STAGES)
+    from diffusers import EulerDiscreteScheduler
+
+    flux_pipe.scheduler = EulerDiscreteScheduler()
+    with pytest.raises(fastdiff.UnsupportedModelError, match="flow-matching sampler.*EulerDiscreteScheduler"):
+        fastdiff.apply(flux_pipe, TWO_STAGES)
+    assert fastdiff.session_of(flux_pipe) is None

@@ -97,18 +97,26 @@ class Bottleneck(Mechanism):
         hooks.wrap(scheduler, "fastdiff.bottleneck.step", step, attr="step")
         hooks.wrap(adapter.denoiser, "fastdiff.bottleneck", forward)
 
-    def attach(self, adapter, session) -> None:  # the session calls attach_driver instead (see `outer`)
+    def attach(self, adapter, host) -> None:  # the session calls attach_driver instead (see `outer`)
         raise FastDiffError("bottleneck attaches as a driver (Session.attach calls attach_driver)")
 
     def detach(self) -> None:
         self.scheduler = self.pipeline = self.driver = None
+
+    def dense_layout(self, layout):
+        """The layout of this call at full size: the stage's token grid times its scale (height and width)."""
+        import dataclasses
+
+        s = self.driver._scale(self.driver.run)
+        f, h, w = layout.grid
+        return layout if s == 1 else dataclasses.replace(layout, grid=(f, h * s, w * s))
 
     def estimate_cost(self, table):
         # Priced by the table's rows themselves: `fastdiff.estimate` builds them at each stage's size
         # (`stage_sizes`), and records of a run carry the layout each call had.
         return table
 
-    def report(self) -> dict:
+    def report(self, records) -> dict:
         run = getattr(self, "driver", None) and self.driver.run
         stages = [dict(scale=s.scale, strength=s.strength) for s in stages_of(self.config)]
         return dict(stages=stages, steps=list(run.counts) if run else None)
