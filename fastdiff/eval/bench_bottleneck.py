@@ -42,7 +42,8 @@ CONFIGS = {
     "low 80% then full, strength 0.7": _two(0.7, low=0.8),
     "full-low-full (Bottleneck Sampling)": {"bottleneck": {"stages": THREE}},
     "full-low-full, sigma rule": {"bottleneck": {"stages": THREE, "strength_is": "sigma"}},
-    "low 60% then full 0.7 + cache-safe": {**_two(0.7), "preset": "cache-safe"},
+    "low 60% then full 0.7 + static cache (interval 2)": {**_two(0.7), "cache": {"policy": "static", "interval": 2,
+                                                                               "warmup": 1, "cooldown": 1}},
 }
 
 
@@ -52,13 +53,11 @@ def run(args):
     arms = [timing.workload_arm("baseline", wl)]
     meta = {"baseline": dict(method="baseline", config="-", note="")}
     for name, cfg in CONFIGS.items():
-        cfg = dict(cfg)
-        preset = cfg.pop("preset", None)
-        with fastdiff.accelerated(wl.pipe, cfg, preset=preset):  # refused here, before any timing
+        with fastdiff.accelerated(wl.pipe, cfg):  # refused here, before any timing
             pass
-        arms.append(timing.workload_arm(name, wl, session=lambda cfg=cfg, preset=preset: fastdiff.accelerated(
-            wl.pipe, cfg, preset=preset), finish=lambda h: h.summary()))
-        meta[name] = dict(method=name, config=json.dumps({**cfg, **({"preset": preset} if preset else {})}), note="")
+        arms.append(timing.workload_arm(name, wl, session=lambda cfg=cfg: fastdiff.accelerated(wl.pipe, cfg),
+                                        finish=lambda h: h.summary()))
+        meta[name] = dict(method=name, config=json.dumps(cfg), note="")
     # the control: about the compute of the cheapest schedule above, spent at full size with fewer steps
     few = max(2, round(args.steps * args.control_fraction))
     arms.append(timing.Arm(f"fewer steps ({few})", lambda kw: wl.to_images(wl.pipe(**kw)).float().cpu(),
