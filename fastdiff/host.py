@@ -11,13 +11,10 @@ Nothing here names a model library: a host for another one implements the same f
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .clock import CallRecord
 from .context import StepContext
-
-if TYPE_CHECKING:
-    from .mechanisms.base import Mechanism
 
 
 class Call:
@@ -43,6 +40,14 @@ class Call:
 Hook = Callable[[Call | None, Callable, tuple, dict], Any]
 
 
+class Stateful(Protocol):
+    """What the host needs of a mechanism to keep its state (`mechanisms.base.Mechanism` is one)."""
+
+    name: str
+
+    def new_state(self) -> Any: ...
+
+
 class Host(Protocol):
     """What a mechanism may use of the model's runner (implemented by `session.Part`)."""
 
@@ -50,11 +55,11 @@ class Host(Protocol):
         """Make `module.forward(*a, **kw)` call `hook(call, inner, a, kw)` under the name `name` (removed with
         every other hook of the session, all at once)."""
 
-    def state(self, call: Call, mechanism: "Mechanism", slot: int | None = None) -> Any:
+    def state(self, call: Call, mechanism: Stateful, slot: int | None = None) -> Any:
         """The state `mechanism` keeps for this call's slot (`slot`, default: the call's index in its step) and token
         grid across the run, created with `mechanism.new_state()`; see `context.RunState` for the stage rule."""
 
-    def states(self, mechanism: "Mechanism") -> list[Any]:
+    def states(self, mechanism: Stateful) -> list[Any]:
         """Every state `mechanism` keeps now (in the reported run), e.g. to report the memory held."""
 
     def run_rows(self, call: Call, rows: Sequence[int]) -> None:
