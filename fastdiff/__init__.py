@@ -194,6 +194,10 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = 
     dense = dense_table(model, schedule(layouts, batch, cfg))
     table = dense
     if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
+        from .mechanisms.bottleneck.mechanism import Bottleneck
+
+        Bottleneck(config.bottleneck).check_pipeline(pipeline, getattr(pipeline, "scheduler", None),
+                                                     type(denoiser).__name__)  # what apply refuses, estimate too
         if len(stages) != 1:
             raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
                               "(the section makes the stages)")

@@ -36,7 +36,7 @@ WIDEN = {"pixart": (2, 6), "sd3": (4, 4), "flux": (2, 6), "sd15": (1, 3), "sdxl"
          "wan": (1, 6), "cogvideox": (1, 6), "hunyuan": (1, 6)}
 
 STEPS = {"none": 2, "cache-safe": 4, "cache-fast": 5, "cache-ultra": 5, "merge-tome": 2, "merge-todo": 2,
-         "sparse-topk": 2, "sparse-window": 2}
+         "sparse-topk": 2, "sparse-window": 2, "bottleneck-fast": 4}
 
 
 def _denoiser_class(name: str) -> str:
@@ -54,6 +54,13 @@ def _denoiser_class(name: str) -> str:
 # the queries: refused on every model whose adapter gives no self-attention a key/value input (joint attention, RoPE).
 REFUSED = {(m, "merge-todo"): "merge method 'todo'" for m in MODELS if not todo_supported(spec_of(_denoiser_class(m)))}
 
+# Resolution-bottleneck sampling: refused where the adapter does not say how latents resize, and where the tiny
+# pipeline's sampler is not flow matching (Wan's UniPC); the message names what is missing.
+_FLOW = {"flux", "sd3", "hunyuan", "ref-flux", "ref-flux-textures"}  # models whose pipelines sample by flow matching
+REFUSED |= {(m, "bottleneck-fast"): ("resolution-bottleneck sampling needs to know how" if
+                                     spec_of(_denoiser_class(m)).resample is None else
+                                     "resolution-bottleneck sampling re-noises")
+            for m in MODELS if m not in _FLOW}
 # Sparse presets (block 64, window 3x3 tiles) on grids where the pattern lists every block.
 DENSE = {(m, p) for m in ("dit", "ref-digits", "ref-textures") for p in ("sparse-topk", "sparse-window")}
 # SD3 and the Flux references (32 px: 16x16 tokens) have 2x2 tiles of 8x8: any 3x3 window covers them all.
@@ -146,7 +153,10 @@ def test_preset_runs(models, name, preset):
         return
 
     assert s.flops < s.dense_flops, s  # predicted FLOPs below dense: work skipped or reduced
-    if mechanism == "cache":
+    if mechanism == "bottleneck":  # one run of two stages, the first on a quarter of the tokens
+        assert s.stages == 2 and [r.stage for r in s.per_step] == [0, 0, 1, 1], s
+        assert s.per_step[0].image_tokens * 4 == s.per_step[-1].image_tokens
+    elif mechanism == "cache":
         path = "cache=reuse" if preset == "cache-safe" else "cache=forecast"
         assert any(path in d for d in decisions), decisions
         assert sum(r.blocks_computed for r in s.per_step) < sum(r.blocks_total for r in s.per_step)

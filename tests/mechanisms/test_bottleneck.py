@@ -77,7 +77,7 @@ def test_bad_stages_are_refused():
     from diffusers import DDIMScheduler
 
     with pytest.raises(UnsupportedModelError, match="flow-matching sampler"):
-        Driver.check_scheduler(DDIMScheduler(), "ClassDiTPipeline")
+        Driver.check_scheduler(DDIMScheduler(), "DiTTransformer2DModel", "ClassDiTPipeline")
 
 
 def _flux_positions(bound, hw):
@@ -194,3 +194,25 @@ def test_refusals_name_what_is_supported():
     with pytest.raises(fastdiff.UnsupportedModelError, match="flow-matching sampler.*EulerDiscreteScheduler"):
         fastdiff.apply(flux_pipe, TWO_STAGES)
     assert fastdiff.session_of(flux_pipe) is None
+
+
+def test_a_compiled_denoiser_runs_the_stages_without_recompiling():
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    pipe = tiny.build_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    fastdiff.apply(pipe, preset="bottleneck-fast")
+    try:
+        eager = tiny.output_tensor(pipe(**_call()))
+        dynamo.reset()
+        counters.clear()
+        pipe.transformer.compile(backend="eager")
+        first = tiny.output_tensor(pipe(**_call()))
+        graphs = counters["stats"].get("unique_graphs", 0)
+        tiny.output_tensor(pipe(**_call()))
+        assert counters["stats"].get("unique_graphs", 0) == graphs  # the second run reuses every graph
+        torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-5)
+    finally:
+        dynamo.reset()
+        fastdiff.remove(pipe)

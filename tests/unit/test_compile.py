@@ -34,6 +34,8 @@ def test_compiled_denoiser_keeps_its_graph_count_and_never_recompiles():
         none1, none2, _, _ = _graphs("none")
         assert (none1, none2) == (bare1, bare2)
         for preset in fastdiff.presets():
+            if preset.startswith("bottleneck-"):  # refused on PixArt (no flow sampler): compiled in test_bottleneck
+                continue
             g1, g2, eager, compiled = _graphs(preset)
             assert g1 == g2, preset  # the second call (new run, new records) reuses every graph
             torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -82,12 +82,12 @@ class Driver:
         resample.resize(torch.zeros(1, 1, 2, 2), (2, 2), self.resize)  # the method's name, checked now
 
     @staticmethod
-    def check_scheduler(scheduler: Any, owner: str) -> None:
+    def check_scheduler(scheduler: Any, owner: str, pipeline: str = "this pipeline") -> None:
         name = type(scheduler).__name__
         if name not in FLOW_SCHEDULERS:
             raise UnsupportedModelError(
                 f"{owner}: resolution-bottleneck sampling re-noises clean estimates by the flow-matching rule and "
-                f"needs a flow-matching sampler ({', '.join(FLOW_SCHEDULERS)}); this pipeline samples with {name}")
+                f"needs a flow-matching sampler ({', '.join(FLOW_SCHEDULERS)}); {pipeline} samples with {name}")
 
     # -- the run --------------------------------------------------------------------------------------
     @property

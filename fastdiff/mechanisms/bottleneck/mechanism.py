@@ -56,7 +56,7 @@ class Bottleneck(Mechanism):
             raise UnsupportedModelError(
                 f"{owner}: resolution-bottleneck sampling drives a pipeline's call (its scheduler and latents): "
                 "apply fastdiff to the pipeline, not to its denoiser")
-        Driver.check_scheduler(scheduler, type(pipeline).__name__)
+        Driver.check_scheduler(scheduler, owner, type(pipeline).__name__)
 
     def attach_driver(self, adapter, hooks, scheduler, pipeline, session) -> None:
         spec = adapter.spec
