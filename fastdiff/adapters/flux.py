@@ -1,8 +1,8 @@
 """FluxTransformer2DModel: double-stream blocks, then single-stream blocks over [text, image] tokens."""
 
-from ..context import COND, TokenLayout
 import torch
 
+from ..context import COND, TokenLayout
 from .base import (
     BlockList,
     CfgLayout,

@@ -1,6 +1,7 @@
-"""The committed reference models (ref-digits, ref-unet, ref-textures, ref-flux, ref-flux-textures) and their classifiers load, sample
-deterministically, are good enough to judge accelerations by, run through the real diffusers classes, and lay out
-CFG the way fastdiff's adapters read it; fastdiff applies to each and its removal restores them bit for bit."""
+"""The committed reference models (ref-digits, ref-unet, ref-textures, ref-flux, ref-flux-textures) and their
+classifiers load, sample deterministically, are good enough to judge accelerations by, run through the real
+diffusers classes, and lay out CFG the way fastdiff's adapters read it; fastdiff applies to each and its removal
+restores them bit for bit."""
 
 import pytest
 import torch

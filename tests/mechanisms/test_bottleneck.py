@@ -10,8 +10,7 @@ import torch
 from fastdiff.errors import ConfigError, UnsupportedModelError
 from fastdiff.eval import tiny
 from fastdiff.hooks import HookSet
-from fastdiff.mechanisms.bottleneck import Driver, Stage, split_steps
-from fastdiff.mechanisms.bottleneck import resample
+from fastdiff.mechanisms.bottleneck import Driver, Stage, resample, split_steps
 from fastdiff.mechanisms.bottleneck.schedule import stage_sigmas
 
 

@@ -334,7 +334,7 @@ def test_rope_is_gathered_at_each_merged_tokens_destination():
     ids = torch.cat([kw["txt_ids"], kw["img_ids"]])
     rope = flux.pos_embed(ids)
     m = tome.match(_randn(1, 16, 8), (1, 4, 4), 7)
-    plan = merge_mod.Plan((1, 4, 4), 16, 9, 9, kept=m.kept)
+    plan = merge_mod.MergePlan((1, 4, 4), 16, 9, 9, kept=m.kept)
     got = merge_mod._gather_rope(rope, RopeSpec("image_rotary_emb", 0, "first"), plan)
     want = flux.pos_embed(torch.cat([kw["txt_ids"], kw["img_ids"][m.kept[0]]]))
     for g, w in zip(got, want):
@@ -344,7 +344,7 @@ def test_rope_is_gathered_at_each_merged_tokens_destination():
     lat = _randn(2, 16, 3, 8, 8)
     cos, sin = wan.rope(lat)
     m = tome.match(_randn(2, 48, 8), (3, 4, 4), 20)
-    plan = merge_mod.Plan((3, 4, 4), 48, 28, 28, kept=m.kept)
+    plan = merge_mod.MergePlan((3, 4, 4), 48, 28, 28, kept=m.kept)
     g_cos, g_sin = merge_mod._gather_rope((cos, sin), RopeSpec("rotary_emb", seq_dim=1, batch_dim=0), plan)
     assert g_cos.shape == (2, 28, 1, cos.shape[-1])
     for b in range(2):
@@ -358,7 +358,7 @@ def test_key_mask_over_image_and_text_keeps_its_text_part():
     mech.adapter = adapters.resolve(hunyuan)
     site = next(s for s in mech.sites(mech.adapter) if s.spec.mask_arg)
     m = tome.match(_randn(2, 48, 8), (3, 4, 4), 20)
-    plan = merge_mod.Plan((3, 4, 4), 48, 28, 28, kept=m.kept)
+    plan = merge_mod.MergePlan((3, 4, 4), 48, 28, 28, kept=m.kept)
     mask = torch.ones(2, 1, 1, 48 + 8, dtype=torch.bool)
     mask[0, ..., -3:] = False  # padded text of row 0
     args_of = merge_mod.Args(site.module)

@@ -425,6 +425,10 @@ def _schedule_line(recipe, sched) -> str:
             f"  (config in `{recipe.name}.json`; the last row of the table below shows why).")
 
 
+def _target(recipe) -> str:
+    return "the velocity" if recipe.objective == "flow" else "epsilon"
+
+
 def _curve(rec) -> str:
     """The loss curve, if the run recorded one (mean loss of each tenth of training)."""
     curve = rec.get("loss_curve")
@@ -470,6 +474,7 @@ def model_card(recipe, pipe, rec, per_class_n, at_size, evals, sample_s, total, 
     per_class = " | ".join(f"{a:.0%}" for a in main_eval["per_class"])
     clf_name = "ref-digits-classifier" if recipe.dataset == "digits" else f"{name}-classifier"
     clf_stats = rec["classifier"]
+    loss = f"first {rec['first_loss']:.4f}, final {rec['final_loss']:.4f}"
     clf_time = f"classifier {clf_stats['wall_s']:.0f} s, " if clf_stats["trained"] else ""
     sched = pipe.scheduler.config
     cpu = (f" The denoiser's training took {rec['cpu_s'] / 60:.1f} min of CPU time (the rest of its wall time went to\n"
@@ -494,7 +499,7 @@ was measured by that run on the weights as committed.
 - Training: {rec['steps']} steps, batch {rec['batch_size']}, AdamW lr {rec['lr']:g} ({rec['warmup']} warmup steps,
   cosine to 5%), grad clip 1.0, label dropout {rec['label_dropout']:g} to the null class, EMA {rec['ema']:g}
   (EMA weights are shipped), seed {rec['seed']}. Weights stored as float16 (loaded as float32).
-- Loss (MSE on {"the velocity" if recipe.objective == "flow" else "epsilon"}, mean of 100 steps): first {rec['first_loss']:.4f}, final {rec['final_loss']:.4f}.{_curve(rec)}
+- Loss (MSE on {_target(recipe)}, mean of 100 steps): {loss}.{_curve(rec)}
 
 ## Reference classifier `{clf_name}`
 {_classifier_section(recipe, clf_stats, at_size)}

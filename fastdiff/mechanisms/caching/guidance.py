@@ -44,7 +44,8 @@ class GuidanceSkip(Mechanism):
             raise UnsupportedModelError(
                 f"{type(adapter.denoiser).__name__}: guidance skipping needs to know each row's CFG branch, and the "
                 f"'{adapter.name}' adapter describes no pipeline CFG layout. Supported families: those of "
-                "fastdiff.supported() applied through their diffusers pipeline.")
+                "fastdiff.supported() applied through their diffusers pipeline, or a pipeline whose layout is "
+                "registered with fastdiff.register_pipeline.")
 
     def estimate_cost(self, table):
         """The unconditional calls (rows whose branches are unconditional) are free from `start` on, read against

@@ -46,7 +46,7 @@ from . import tome as _tome
 
 
 @dataclass
-class Plan:
+class MergePlan:
     """How one token grid is reduced in one call: shared by the submodules on that grid."""
 
     grid: tuple[int, int, int]
@@ -65,7 +65,7 @@ class MergeState:
     """Per call slot and token grid (the host's): this call's plans, the metric, the last step's metric."""
 
     record: Any = None  # the CallRecord the plans belong to
-    plans: dict[Any, Plan | None] = field(default_factory=dict)  # share key -> plan
+    plans: dict[Any, MergePlan | None] = field(default_factory=dict)  # share key -> plan
     block_input: torch.Tensor | None = None  # hidden_states of the transformer block running now (the metric)
     previous: dict = field(default_factory=dict)  # share key -> last step's metric (keep_changed), kept across calls
 
@@ -279,7 +279,7 @@ class TokenMerge(Mechanism):
         return hook
 
     @torch.compiler.disable
-    def _plan(self, call, site, image: torch.Tensor) -> Plan | None:
+    def _plan(self, call, site, image: torch.Tensor) -> MergePlan | None:
         """This call's plan for the site's token grid (computed by the first submodule on it); None: unmerged."""
         st = self._state(call)
         if st is None:
@@ -299,13 +299,13 @@ class TokenMerge(Mechanism):
         ratio = self._ratio(ctx.step, ctx.num_steps)
         plan = None
         if ratio > 0 and c.method == "todo":
-            plan = Plan(grid, n, n, math.prod(_todo.pooled_grid(grid, c.factor)))
+            plan = MergePlan(grid, n, n, math.prod(_todo.pooled_grid(grid, c.factor)))
         elif ratio > 0:
             r = _tome.merged_count(grid, ratio, c.sx, c.sy)
             if r > 0:
                 gen = torch.Generator().manual_seed(_seed(c.seed, ctx.step, grid)) if c.random else None
                 # The block's input (the residual stream), as tomesd: on the trained ref-digits DiT it matched better
-                # than the submodule's normalised/modulated input, raw or centred (+0.5 to +1.8 dB PSNR).
+                # than the submodule's normalised/modulated input, raw or centred (eval/results/merge-ref-digits).
                 metric = st.block_input
                 if not isinstance(metric, torch.Tensor) or metric.shape[:2] != image.shape[:2]:
                     metric = image
@@ -314,7 +314,7 @@ class TokenMerge(Mechanism):
                 n_src = _tome.max_merged(grid, c.sx, c.sy)
                 extra = 2.0 * n_src * (n - n_src) * image.shape[-1]
                 bias = _tome.proportional_bias(m).to(image.dtype) if c.proportional else None
-                plan = Plan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept, bias)
+                plan = MergePlan(grid, n, n - m.r, n - m.r, extra, merge, unmerge, m.kept, bias)
         st.plans[key] = plan
         if plan is not None:
             label = "kv " if c.method == "todo" else ""
@@ -339,7 +339,7 @@ class TokenMerge(Mechanism):
         return torch.zeros_like(change, dtype=torch.bool).scatter_(1, top, True)
 
     @torch.compiler.disable
-    def _record(self, call, site, plan: Plan) -> None:
+    def _record(self, call, site, plan: MergePlan) -> None:
         call.record.reductions[site.path] = Reduction(plan.query, plan.keys, plan.extra)
         plan.extra = 0.0  # the matching is charged once per grid
 
@@ -403,7 +403,7 @@ class TokenMerge(Mechanism):
             return hidden.shape[1]
         return math.prod(level_grid(call.ctx.layout.grid, site.level))
 
-    def _shrink_mask(self, site, args_of, args, kwargs, plan: Plan):
+    def _shrink_mask(self, site, args_of, args, kwargs, plan: MergePlan):
         """A key mask over [image; text] loses the merged image keys; a mask over image keys nothing knows
         how to shrink is refused rather than silently misapplied."""
         spec = site.spec
@@ -432,7 +432,7 @@ class TokenMerge(Mechanism):
                 f"token merging: {site.path} was given an attention mask over its image tokens, which the "
                 f"'{self.adapter.name}' adapter does not say how to shrink with them. Drop the mask or the merge section.")
 
-    def _unmerge(self, site, out, plan: Plan, n_text: int):
+    def _unmerge(self, site, out, plan: MergePlan, n_text: int):
         text = site.spec.text
         if text == "separate":
             if not isinstance(out, tuple) or len(out) != 2:
@@ -452,7 +452,7 @@ def _seed(seed: int, step: int, grid: tuple[int, int, int]) -> int:
     return (seed * 1_000_003 + step * 8_191 + (f * 131 + h) * 65_537 + w) % 2**63
 
 
-def _gather_rope(rope, spec: RopeSpec, plan: Plan, row: int | None = None):
+def _gather_rope(rope, spec: RopeSpec, plan: MergePlan, row: int | None = None):
     """The (cos, sin) pair at the merged tokens' positions (their destinations'); text positions unchanged.
 
     `row`: only that batch row's positions (for rows run one at a time); else every row's, along the
@@ -484,7 +484,7 @@ def _gather_positions(t: torch.Tensor, spec: RopeSpec, kept: torch.Tensor, n: in
     return torch.cat([text, gathered], dim=seq) if offset else gathered
 
 
-def _per_row(inner, args_of, args, kwargs, batch: int, spec: RopeSpec, rope, plan: Plan):
+def _per_row(inner, args_of, args, kwargs, batch: int, spec: RopeSpec, rope, plan: MergePlan):
     """Run the submodule one batch row at a time: RoPE tensors without a batch dimension cannot carry per-row
     positions, and every row has its own merge."""
     outs = []
