@@ -85,9 +85,9 @@ def test_failed_apply_leaves_model_untouched(family, pipe_and_base, snapshot, mo
         def estimate_cost(self, table):
             return table
 
-        def attach(self, adapter, session):  # hooks some blocks, then fails half-way
+        def attach(self, adapter, host):  # hooks some blocks, then fails half-way
             for block in adapter.blocks[:2]:
-                session.hooks.wrap(block.module, "broken", lambda inner, a, k: inner(*a, **k) * 0)
+                host.wrap(block.module, "broken", lambda call, inner, a, k: inner(*a, **k) * 0)
             raise RuntimeError("boom")
 
     monkeypatch.setattr(registry, "build", lambda cfg: [Broken(None)])
