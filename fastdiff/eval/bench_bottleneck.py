@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -79,10 +77,7 @@ def run(args):
 
 def write(rows, wl, args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
-               diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
-               python=platform.python_version(),
-               command="python -m fastdiff.eval.bench_bottleneck " + " ".join(sys.argv[1:]), workload=wl.describe)
+    env = timing.environment("fastdiff.eval.bench_bottleneck", wl)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
     lines = [f"# Resolution-bottleneck benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
              timing.TABLE_NOTE, "",

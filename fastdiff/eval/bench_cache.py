@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -168,11 +166,7 @@ def _line(r) -> str:
 
 def write(rows, wl, args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
-               diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
-               python=platform.python_version(),
-               command="python -m fastdiff.eval.bench_cache " + " ".join(sys.argv[1:]), workload=wl.describe,
-               trained=wl.trained)
+    env = timing.environment("fastdiff.eval.bench_cache", wl)
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
     keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
             "psnr", "ssim", "flops_speedup", "accuracy", "fd_real", "config", "note"]

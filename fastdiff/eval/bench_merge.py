@@ -29,7 +29,6 @@ import contextlib
 import csv
 import json
 import math
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -236,11 +235,7 @@ def _line(r) -> str:
 
 def write(rows, wl, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(device=timing.device(), threads=torch.get_num_threads(), torch=torch.__version__,
-               diffusers=__import__("diffusers").__version__, fastdiff=fastdiff.__version__,
-               tomesd=_version("tomesd"), python=platform.python_version(),
-               command="python -m fastdiff.eval.bench_merge " + shlex.join(sys.argv[1:]), workload=wl.describe,
-               trained=wl.trained)
+    env = timing.environment("fastdiff.eval.bench_merge", wl, tomesd=_version("tomesd"))
     (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
     keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
             "psnr", "ssim", "flops_speedup", "accuracy", "tokens", "config", "note"]

@@ -38,6 +38,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def environment(module: str, wl, **extra) -> dict:
+    """What a benchmark's results were measured with: device, threads, versions, the exact command (`module` and this
+    process's arguments), the workload; `extra`: more entries (another library's version)."""
+    import shlex
+    import sys
+
+    import diffusers
+
+    import fastdiff
+
+    return dict(device=device(), threads=torch.get_num_threads(), torch=torch.__version__,
+                diffusers=diffusers.__version__, fastdiff=fastdiff.__version__, **extra,
+                python=platform.python_version(), command=f"python -m {module} " + shlex.join(sys.argv[1:]),
+                workload=wl.describe, trained=wl.trained)
+
+
 def device() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
