@@ -216,7 +216,7 @@ class BottleneckConfig:
     """
 
     stages: list = field(default_factory=lambda: [{"scale": 2, "steps": 0.6, "strength": 1.0},
-                                                  {"scale": 1, "steps": 0.4, "strength": 0.6}])
+                                                  {"scale": 1, "steps": 0.4, "strength": 0.85}])
     resize: str = "bicubic"
     strength_is: str = "time"
 
