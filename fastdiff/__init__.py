@@ -103,7 +103,7 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
             f"guidance skipping on {type(pipeline).__name__}: fastdiff does not know how this pipeline lays out its "
             f"CFG branches (the '{parts[0][2].name}' adapter knows {sorted(parts[0][2].spec.pipelines)}); "
             "drop the guidance section or register the pipeline's layout (fastdiff.register_pipeline)")
-    drivers = [m for m in parts[0][3] if getattr(m, "outer", False)]
+    drivers = [m for m in parts[0][3] if m.outer]
     if drivers:  # resolution-bottleneck sampling drives the pipeline's one denoiser and scheduler
         if len(parts) > 1:
             raise UnsupportedModelError(
@@ -194,15 +194,13 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = 
     dense = dense_table(model, schedule(layouts, batch, cfg))
     table = dense
     if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
-        from .mechanisms.bottleneck.mechanism import Bottleneck
+        from .mechanisms.bottleneck.mechanism import Bottleneck, stage_sizes
 
-        Bottleneck(config.bottleneck).check_pipeline(pipeline, getattr(pipeline, "scheduler", None),
-                                                     type(denoiser).__name__)  # what apply refuses, estimate too
+        Bottleneck.check_pipeline(pipeline, getattr(pipeline, "scheduler", None),
+                                  type(denoiser).__name__)  # what apply refuses, estimate refuses too
         if len(stages) != 1:
             raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
                               "(the section makes the stages)")
-        from .mechanisms.bottleneck.mechanism import stage_sizes
-
         layouts = layouts_of(stage_sizes(config.bottleneck, **stages[0]))
         table = dense_table(model, schedule(layouts, batch, cfg))
     for mechanism in _mechanisms.build(config):

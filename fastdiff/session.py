@@ -173,7 +173,7 @@ class Session:
         try:
             for part in self.parts:
                 for mechanism in part.mechanisms:  # innermost first
-                    if not getattr(mechanism, "outer", False):
+                    if not mechanism.outer:
                         attached.append(mechanism)
                         mechanism.attach(part.adapter, part)  # the part is the mechanism's host
                 # The clock wraps every mechanism of a denoiser: each sees an open call.
@@ -184,7 +184,7 @@ class Session:
             if self.scheduler is not None:
                 self._listen(self.scheduler)
             for part in self.parts:  # a driver (bottleneck) wraps outside the clock, so the clock sees its stages
-                for driver in [m for m in part.mechanisms if getattr(m, "outer", False)]:
+                for driver in [m for m in part.mechanisms if m.outer]:
                     attached.append(driver)
                     driver.attach_driver(part.adapter, self.hooks, self.scheduler, self.pipeline, self)
             self.hooks.seal(*(p.denoiser for p in self.parts))  # a module replaced later is refused at call time
@@ -316,7 +316,7 @@ class Session:
         run.pending = []
         record = CallRecord(ctx, part=part.name)
         for driver in part.mechanisms:  # a driver running the call at another size says what dense would run
-            if getattr(driver, "outer", False) and ctx.layout is not None:
+            if driver.outer and ctx.layout is not None:
                 record.dense_layout = driver.dense_layout(ctx.layout)
         run.records.append(record)
         run.current[part.name] = Call(record, bound)

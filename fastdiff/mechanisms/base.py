@@ -40,6 +40,9 @@ class Mechanism(ABC):
 
     name: str = "mechanism"
     host: "Host | None" = None
+    # A driver (resolution bottleneck) wraps the denoiser outside the step clock and drives the run: the session
+    # attaches it after the clock with `attach_driver`, and asks it for each call's `dense_layout`.
+    outer: bool = False
 
     def __init__(self, config: Any):
         self.config = config

@@ -215,3 +215,10 @@ def test_a_compiled_denoiser_runs_the_stages_without_recompiling():
     finally:
         dynamo.reset()
         fastdiff.remove(pipe)
+
+
+def test_config_names_what_the_mechanism_implements():
+    from fastdiff import config
+    from fastdiff.mechanisms.bottleneck.schedule import STRENGTH_RULES
+
+    assert config.BOTTLENECK_RESIZE == resample.METHODS and set(config.BOTTLENECK_STRENGTH) == set(STRENGTH_RULES)

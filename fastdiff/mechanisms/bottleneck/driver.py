@@ -27,7 +27,7 @@ import torch
 
 from ...errors import ConfigError, UnsupportedModelError
 from . import resample
-from .schedule import Stage, flat_schedule, split_steps
+from .schedule import Stage, flat_schedule, split_steps, tokens_of_mu
 
 # samplers whose step is x_next = x + (sigma_next - sigma) v on a velocity prediction
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -79,7 +79,8 @@ class Driver:
             raise ConfigError(f"bottleneck: stage scales must be ints >= 1, got {[s.scale for s in self.stages]}")
         if any(not 0 < s.strength <= 1 for s in self.stages):
             raise ConfigError(f"bottleneck: strengths must lie in (0, 1], got {[s.strength for s in self.stages]}")
-        resample.resize(torch.zeros(1, 1, 2, 2), (2, 2), self.resize)  # the method's name, checked now
+        if self.resize not in resample.METHODS:
+            raise ConfigError(f"bottleneck: resize must be one of {resample.METHODS}, got {self.resize!r}")
 
     @staticmethod
     def check_scheduler(scheduler: Any, owner: str, pipeline: str = "this pipeline") -> None:
@@ -110,24 +111,18 @@ class Driver:
     def _full_tokens(self, scheduler, mu) -> int:
         """The run's full token count, from the mu a dynamic-shift pipeline passed (the inverse of its rule);
         0 where the shift is static (the stages then need no token count)."""
-        cfg = scheduler.config
-        if not cfg.get("use_dynamic_shifting", False):
+        if not scheduler.config.get("use_dynamic_shifting", False):
             return 0
         if mu is None:
             raise UnsupportedModelError(
                 f"{type(scheduler).__name__} shifts by resolution but the pipeline passed no mu to set_timesteps: "
                 "the stages' shifts cannot be derived")
-        base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        return round(base + (float(mu) - lo) * (top - base) / (hi - lo))
+        return tokens_of_mu(scheduler, mu)
 
     # -- latents in and out ---------------------------------------------------------------------------
-    def _to_grid(self, x: torch.Tensor, run: _Run, scale: int) -> torch.Tensor:
+    def _to_grid(self, x: torch.Tensor, run: _Run) -> torch.Tensor:
         """The pipeline's full-size latents -> (..., H, W) spatial latents."""
-        if self.packing == 1:
-            return x
-        h, w = run.full
-        return resample.unpack(x, h // scale, w // scale, self.packing)
+        return x if self.packing == 1 else resample.unpack(x, *run.full, self.packing)
 
     def _from_grid(self, y: torch.Tensor, run: _Run) -> torch.Tensor:
         return y if self.packing == 1 else resample.pack(y, self.packing)
@@ -136,15 +131,17 @@ class Driver:
         return 1 if run is None else self.stages[run.stage_of(run.step)].scale
 
     def forward(self, bind: Callable[[tuple, dict], dict], inner, args, kwargs):
+        """`bind`: (args, kwargs) -> the call's arguments by name (the adapter's binder), bound only when needed."""
         run = self._require_run()
+        s = self._scale(run)
+        if s == 1 and (self.packing == 1 or run.full is not None):
+            return inner(*args, **kwargs)
         bound = bind(args, kwargs)
         if self.packing != 1 and run.full is None:
             run.full = self._read_full(bound)
-        s = self._scale(run)
         if s == 1:
             return inner(*args, **kwargs)
-        hidden = bound[self.hidden_arg]
-        grid = self._to_grid(hidden, run, 1)
+        grid = self._to_grid(bound[self.hidden_arg], run)
         if grid.shape[-1] % (s * self.packing) or grid.shape[-2] % (s * self.packing):
             raise ConfigError(
                 f"bottleneck: latents of {tuple(grid.shape[-2:])} do not divide into stage scale {s} "
@@ -191,17 +188,18 @@ class Driver:
             run.first = sample.detach().clone()
         k = run.stage_of(run.step)
         s = self.stages[k].scale
-        y, vy = resample.pick(self._to_grid(sample, run, 1), s), resample.pick(self._to_grid(v, run, 1), s)
+        full_grid = self._to_grid(sample, run)
+        y, vy = resample.pick(full_grid, s), resample.pick(self._to_grid(v, run), s)
         last_in_stage = k + 1 < len(self.stages) and run.step == run.bounds[k + 1] - 1
         out = inner(vy, t, y, **a)
         if last_in_stage:
             sigma = float(run.sigmas[run.step])
             x0 = y.float() - sigma * vy.float()  # the flow-matching clean estimate at this step
             nxt = self.stages[k + 1]
-            h, w = self._to_grid(sample, run, 1).shape[-2:]
+            h, w = full_grid.shape[-2:]
             x0 = resample.resize(x0, (h // nxt.scale, w // nxt.scale), self.resize)
             sig = float(run.sigmas[run.step + 1])
-            noise = resample.row_noise(self._to_grid(run.first, run, 1), x0.shape, k + 1, x0.dtype, x0.device)
+            noise = resample.row_noise(self._to_grid(run.first, run), x0.shape, k + 1, x0.dtype, x0.device)
             prev = ((1 - sig) * x0 + sig * noise).to(sample.dtype)
             grid_next = resample.up(prev, nxt.scale)
             if self.on_stage is not None:

@@ -8,6 +8,7 @@ records, summary and step-fraction schedules cover all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -50,7 +51,8 @@ class Bottleneck(Mechanism):
                 f"'{adapter.name}' family's latents change size (FamilySpec.resample); supported families: {known}")
         make_driver(self.config, adapter.spec.resample)  # stage values checked before anything is touched
 
-    def check_pipeline(self, pipeline: Any, scheduler: Any, owner: str) -> None:
+    @staticmethod
+    def check_pipeline(pipeline: Any, scheduler: Any, owner: str) -> None:
         """Refuse, before anything is attached, what the driver cannot run: no pipeline, a non-flow sampler."""
         if pipeline is None or scheduler is None:
             raise UnsupportedModelError(
@@ -64,7 +66,6 @@ class Bottleneck(Mechanism):
         driver = make_driver(self.config, spec.resample, spec.hidden_arg)
         self.driver = driver
         step_sig = inspect.signature(scheduler.step)
-        forward_sig = inspect.signature(adapter.denoiser.forward)
 
         def begin(k: int) -> None:
             run = driver.run
@@ -81,9 +82,8 @@ class Bottleneck(Mechanism):
         def step(inner, args, kwargs):
             return driver.step(step_sig, inner, args, kwargs)
 
-        def bind(args, kwargs):
-            b = forward_sig.bind(*args, **kwargs)
-            return dict(b.arguments)
+        def bind(args, kwargs):  # the adapter's one binder, without the bound `self`
+            return {k: v for k, v in adapter.bind(args, kwargs).items() if k != "self"}
 
         def forward(inner, args, kwargs):
             if pipeline.scheduler is not scheduler:
@@ -105,8 +105,6 @@ class Bottleneck(Mechanism):
 
     def dense_layout(self, layout):
         """The layout of this call at full size: the stage's token grid times its scale (height and width)."""
-        import dataclasses
-
         s = self.driver._scale(self.driver.run)
         f, h, w = layout.grid
         return layout if s == 1 else dataclasses.replace(layout, grid=(f, h * s, w * s))

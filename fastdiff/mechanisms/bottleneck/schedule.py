@@ -66,16 +66,28 @@ def split_steps(total: int, stages: tuple[Stage, ...]) -> list[int]:
     return [int(f) if f is not None else counts[i] for i, f in enumerate(fixed)]
 
 
+def _dynamic_rule(cfg) -> tuple[float, float, float, float]:
+    """(base tokens, max tokens, base mu, max mu) of a dynamic-shift scheduler: mu is linear in the token count
+    between the two, as diffusers' flow pipelines compute it (with their defaults)."""
+    return (cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15))
+
+
+def tokens_of_mu(scheduler, mu: float) -> int:
+    """The token count a pipeline's `mu` stands for (the inverse of the dynamic rule)."""
+    base, top, lo, hi = _dynamic_rule(scheduler.config)
+    return round(base + (float(mu) - lo) * (top - base) / (hi - lo))
+
+
 def shift_factor(scheduler, tokens: int, shift: float | None) -> float:
     """The factor S of the flow shift sigma = S t / (1 + (S - 1) t) the scheduler applies at `tokens` image tokens
-    (its dynamic rule: mu interpolated in the token count as diffusers' flow pipelines compute it), or `shift`."""
+    (its dynamic rule, `_dynamic_rule`), or `shift`."""
     cfg = scheduler.config
     if shift is not None:
         return float(shift)
     if not cfg.get("use_dynamic_shifting", False):
         return float(cfg.get("shift", 1.0))
-    base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    base, top, lo, hi = _dynamic_rule(cfg)
     mu = lo + (hi - lo) * (tokens - base) / (top - base)
     return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
 
