@@ -13,7 +13,6 @@ the peers' thresholds are searched to a target skip fraction (`peers.apply_peer(
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch
 import fastdiff
 
 from . import timing, workloads
-from .outdir import csv_cell
 
 LEVELS = ("safe", "fast", "ultra")
 TIMING_NOTE = timing.TABLE_NOTE
@@ -167,13 +165,7 @@ def _line(r) -> str:
 def write(rows, wl, args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = timing.environment("fastdiff.eval.bench_cache", wl)
-    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
-    keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
-            "psnr", "ssim", "flops_speedup", "accuracy", "fd_real", "config", "note"]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    timing.write_results(out, env, rows, ["method", "level", *timing.RESULT_KEYS, "fd_real", "config", "note"])
     lines = [f"# Caching benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "", TIMING_NOTE, "",
              "| method | level | time s ± spread | speedup [per-round range] | PSNR dB | SSIM | FLOPs x | class acc | "
              "FD (clf) | config / note |",

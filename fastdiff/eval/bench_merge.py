@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import shlex
@@ -39,7 +38,6 @@ import fastdiff
 from fastdiff.integrations.diffusers import find_parts
 
 from . import timing, tiny, workloads
-from .outdir import csv_cell
 
 RATIOS = (0.3, 0.5, 0.7)
 # method -> level (ratio) -> merge section; ToDo's key reduction is set by its factor, not a ratio
@@ -236,13 +234,7 @@ def _line(r) -> str:
 def write(rows, wl, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = timing.environment("fastdiff.eval.bench_merge", wl, tomesd=_version("tomesd"))
-    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
-    keys = ["method", "level", "time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note",
-            "psnr", "ssim", "flops_speedup", "accuracy", "tokens", "config", "note"]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+    timing.write_results(out, env, rows, ["method", "level", *timing.RESULT_KEYS, "tokens", "config", "note"])
     lines = [f"# Token-merging benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()), "",
              timing.TABLE_NOTE, "",
              "| method | ratio | time s ± spread | speedup [per-round range] | PSNR dB | SSIM | FLOPs x | class acc | "

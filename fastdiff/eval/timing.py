@@ -38,6 +38,26 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+# the result columns every benchmark writes (timing, fidelity); a benchmark appends its own before config and note
+RESULT_KEYS = ["time_s", "spread", "speedup", "speedup_low", "speedup_high", "reliable", "timing_note", "psnr", "ssim",
+               "flops_speedup", "accuracy"]
+
+
+def write_results(out, env: dict, rows: list[dict], keys: list[str]) -> None:
+    """`out`/results.json (the environment and every row) and `out`/results.csv (the columns `keys`, cells safe to
+    open in a spreadsheet)."""
+    import csv
+    import json
+
+    from .outdir import csv_cell
+
+    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+
+
 def environment(module: str, wl, **extra) -> dict:
     """What a benchmark's results were measured with: device, threads, versions, the exact command (`module` and this
     process's arguments), the workload; `extra`: more entries (another library's version)."""
