@@ -54,13 +54,10 @@ def _denoiser_class(name: str) -> str:
 # the queries: refused on every model whose adapter gives no self-attention a key/value input (joint attention, RoPE).
 REFUSED = {(m, "merge-todo"): "merge method 'todo'" for m in MODELS if not todo_supported(spec_of(_denoiser_class(m)))}
 
-# Resolution-bottleneck sampling: refused where the adapter does not say how latents resize, and where the tiny
-# pipeline's sampler is not flow matching (Wan's UniPC); the message names what is missing.
-_FLOW = {"flux", "sd3", "hunyuan", "ref-flux", "ref-flux-textures"}  # models whose pipelines sample by flow matching
-REFUSED |= {(m, "bottleneck-fast"): ("resolution-bottleneck sampling needs to know how" if
-                                     spec_of(_denoiser_class(m)).resample is None else
-                                     "resolution-bottleneck sampling re-noises")
-            for m in MODELS if m not in _FLOW}
+# Resolution-bottleneck sampling: refused where the adapter does not say how latents resize (every tiny pipeline's
+# sampler is one it runs: FlowMatchEuler, DDIM, DPM-Solver, Euler, UniPC); the message names what is missing.
+REFUSED |= {(m, "bottleneck-fast"): "resolution-bottleneck sampling needs to know how"
+            for m in MODELS if spec_of(_denoiser_class(m)).resample is None}
 # Sparse presets (block 64, window 3x3 tiles) on grids where the pattern lists every block.
 DENSE = {(m, p) for m in ("dit", "ref-digits", "ref-textures") for p in ("sparse-topk", "sparse-window")}
 # SD3 and the Flux references (32 px: 16x16 tokens) have 2x2 tiles of 8x8: any 3x3 window covers them all.

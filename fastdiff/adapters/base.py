@@ -136,13 +136,17 @@ class ResampleSpec:
     Args:
         packing: latent patch side the pipeline packs into one token before the denoiser (FLUX: 2, latents
             (B, tokens, C * 2 * 2)); 1: the denoiser takes (..., H, W) latents and patches them itself.
-        positions: (bound call arguments, (h, w) token grid) -> the call arguments that carry token positions for
-            that grid, for families whose pipeline passes positions in (FLUX `img_ids`); None: the model derives
-            them from the latent shape (SD3's cropped position table, Wan's and HunyuanVideo's RoPE).
+        positions: (bound call arguments, (h, w) token grid) -> the call arguments that carry token positions or
+            the size for that grid, for families whose pipeline passes them in (FLUX `img_ids`, SDXL `time_ids`);
+            None: the model derives them from the latent shape (SD3's cropped position table, Wan's and
+            HunyuanVideo's RoPE).
+        multiple: (denoiser config) -> what a smaller stage's latent height and width must divide by besides the
+            packing (a UNet's total downsampling, a patch size); None: 1.
     """
 
     packing: int = 1
     positions: Callable[[dict, tuple[int, int]], dict] | None = None
+    multiple: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from .base import (
     CfgLayout,
     FamilySpec,
     IOPattern,
+    ResampleSpec,
     TokenSite,
     patch_grid,
     register,
@@ -39,4 +40,6 @@ SPEC = register(FamilySpec(
     # the final layer re-embeds (timestep, class) with the first block's embedder
     reruns=("transformer_blocks.0.norm1.emb",),
     attention=(TokenSite(r"^transformer_blocks\.\d+$", BASIC_TRANSFORMER_BLOCK),),
+    # (B, C, H, W) latents; sin-cos positions from the latent shape
+    resample=ResampleSpec(multiple=lambda cfg: cfg.patch_size),
 ))

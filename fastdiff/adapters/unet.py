@@ -3,7 +3,17 @@
 import re
 
 from ..context import UNCOND
-from .base import BASIC_TRANSFORMER_BLOCK, BlockList, CfgLayout, FamilySpec, IOPattern, TokenSite, register, tensor_layout
+from .base import (
+    BASIC_TRANSFORMER_BLOCK,
+    BlockList,
+    CfgLayout,
+    FamilySpec,
+    IOPattern,
+    ResampleSpec,
+    TokenSite,
+    register,
+    tensor_layout,
+)
 
 
 def _grid(cfg, f, h, w):
@@ -32,6 +42,24 @@ def _shallow(blocks):
     return {downs[0], ups[-1]}
 
 
+def _target_size(bound, hw):
+    """SDXL's size conditioning at a smaller stage: `time_ids` (original h, w, crop top, left, target h, w in pixels)
+    with the target size of the stage's latent grid `hw` (the call's target scaled like its latents)."""
+    added = bound.get("added_cond_kwargs")
+    if not added or added.get("time_ids") is None:
+        return {}
+    ids = added["time_ids"].clone()
+    full = bound["sample"].shape[-2:]
+    ids[:, 4] = ids[:, 4] * hw[0] / full[0]
+    ids[:, 5] = ids[:, 5] * hw[1] / full[1]
+    return {"added_cond_kwargs": {**added, "time_ids": ids}}
+
+
+def _downsampling(cfg):
+    """Every down block but the last halves the latent side."""
+    return 2 ** (len(cfg.down_block_types) - 1)
+
+
 # Down blocks return (hidden_states, residual tuple); mid and up blocks return hidden_states.
 SPEC = register(FamilySpec(
     name="unet",
@@ -57,4 +85,6 @@ SPEC = register(FamilySpec(
     text_position="cross",
     # the BasicTransformerBlocks inside each level's Transformer2DModel (`attentions.i.transformer_blocks.j`)
     attention=(TokenSite(r"\.transformer_blocks\.\d+$", BASIC_TRANSFORMER_BLOCK),),
+    # (B, C, H, W) latents; SDXL's size conditioning follows the stage (`time_ids`)
+    resample=ResampleSpec(positions=_target_size, multiple=_downsampling),
 ))

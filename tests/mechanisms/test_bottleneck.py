@@ -73,10 +73,16 @@ def test_bad_stages_are_refused():
         Driver((Stage(2, 0.5), Stage(1, 0.5, 0.6)), resize="lanczos5")
     with pytest.raises(ConfigError, match="strengths"):
         Driver((Stage(2, 0.5), Stage(1, 0.5, 0.0)))
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-    with pytest.raises(UnsupportedModelError, match="flow-matching sampler"):
-        Driver.check_scheduler(DDIMScheduler(), "DiTTransformer2DModel", "ClassDiTPipeline")
+    Driver.check_scheduler(DDIMScheduler(), "DiTTransformer2DModel", "ClassDiTPipeline")  # runs
+    with pytest.raises(UnsupportedModelError, match="runs the deterministic samplers FlowMatchEulerDiscreteScheduler, "
+                                                    "DDIMScheduler.*samples with EulerAncestralDiscreteScheduler"):
+        Driver.check_scheduler(EulerAncestralDiscreteScheduler(), "DiTTransformer2DModel", "ClassDiTPipeline")
+    with pytest.raises(UnsupportedModelError, match="DPMSolverMultistepScheduler: its algorithm_type 'sde-dpmsolver"):
+        Driver.check_scheduler(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), "X", "Y")
+    with pytest.raises(UnsupportedModelError, match="thresholding=True"):
+        Driver.check_scheduler(DDIMScheduler(thresholding=True), "X", "Y")
 
 
 def _flux_positions(bound, hw):
@@ -179,18 +185,19 @@ def test_bottleneck_composes_with_caching(flux):
 
 
 def test_refusals_name_what_is_supported():
-    dit = tiny.build_pipeline("dit")
-    with pytest.raises(fastdiff.UnsupportedModelError, match=r"DiTTransformer2DModel: resolution-bottleneck.*'dit'.*"
-                                                             r"supported families: \['flux', 'hunyuan', 'sd3', 'wan'\]"):
-        fastdiff.apply(dit, TWO_STAGES)
-    assert fastdiff.session_of(dit) is None
+    cog = tiny.build_pipeline("cogvideox")
+    with pytest.raises(fastdiff.UnsupportedModelError, match=r"CogVideoXTransformer3DModel: resolution-bottleneck.*"
+                                                             r"'cogvideox'.*supported families: \['dit', 'flux', "
+                                                             r"'hunyuan', 'pixart', 'sd3', 'unet', 'wan'\]"):
+        fastdiff.apply(cog, TWO_STAGES)
+    assert fastdiff.session_of(cog) is None
     flux_pipe = tiny.build_pipeline("flux")
     with pytest.raises(fastdiff.UnsupportedModelError, match="apply fastdiff to the pipeline"):
         fastdiff.apply(flux_pipe.transformer, TWO_STAGES)
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import EulerAncestralDiscreteScheduler
 
-    flux_pipe.scheduler = EulerDiscreteScheduler()
-    with pytest.raises(fastdiff.UnsupportedModelError, match="flow-matching sampler.*EulerDiscreteScheduler"):
+    flux_pipe.scheduler = EulerAncestralDiscreteScheduler()
+    with pytest.raises(fastdiff.UnsupportedModelError, match="deterministic samplers.*EulerAncestralDiscreteScheduler"):
         fastdiff.apply(flux_pipe, TWO_STAGES)
     assert fastdiff.session_of(flux_pipe) is None
 

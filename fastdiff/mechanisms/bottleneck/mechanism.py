@@ -23,9 +23,10 @@ def stages_of(config) -> tuple[Stage, ...]:
                        shift=st.get("shift")) for st in config.stages)
 
 
-def make_driver(config, resample, hidden_arg: str = "hidden_states") -> Driver:
+def make_driver(config, resample, hidden_arg: str = "hidden_states", denoiser_config=None) -> Driver:
+    multiple = resample.multiple(denoiser_config) if resample.multiple and denoiser_config is not None else 1
     return Driver(stages_of(config), resize=config.resize, strength_is=config.strength_is, packing=resample.packing,
-                  positions=resample.positions, hidden_arg=hidden_arg)
+                  positions=resample.positions, multiple=multiple, hidden_arg=hidden_arg)
 
 
 def stage_sizes(config, *, height: int, width: int, steps: int, num_frames: int | None = None) -> list[dict]:
@@ -63,7 +64,8 @@ class Bottleneck(Mechanism):
     def attach_driver(self, adapter, hooks, scheduler, pipeline, session) -> None:
         spec = adapter.spec
         self.scheduler, self.pipeline = scheduler, pipeline
-        driver = make_driver(self.config, spec.resample, spec.hidden_arg)
+        driver = make_driver(self.config, spec.resample, spec.hidden_arg, adapter.denoiser.config)
+        driver.check_stages(scheduler, type(adapter.denoiser).__name__)  # before any hook of the driver's
         self.driver = driver
         step_sig = inspect.signature(scheduler.step)
 

@@ -113,3 +113,114 @@ def flat_schedule(scheduler, stages: tuple[Stage, ...], counts: list[int], full_
              for st, n in zip(stages, counts)]
     sigmas = torch.cat([*parts, torch.zeros(1)])
     return sigmas, sigmas[:-1] * scheduler.config.num_train_timesteps
+
+
+# -- samplers whose solver keeps state: each stage is its own schedule ---------------------------------------------
+#
+# DDIM, DPM-Solver++, Euler and UniPC keep state across steps (the multistep solvers their last model outputs), and
+# their schedules are their own rules of a step count, so a stage is what an img2img call of the scheduler is: the
+# scheduler's `set_timesteps` for N steps, entered at `begin` so that the stage runs its n steps from about its
+# strength down (n / N = strength, rounded; below 1 whenever the strength is). `set_timesteps` resets the solver's
+# state, so each stage starts as a first-order solver by construction.
+
+STAGED_SAMPLERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+
+def sampler_problem(scheduler) -> str | None:
+    """Why a sampler of STAGED_SAMPLERS cannot run stages (None: it can): a stochastic step (its noise is not the
+    run's per-row noise), a prediction type without a clean estimate, or per-step dynamic thresholding."""
+    cfg = scheduler.config
+    if str(cfg.get("algorithm_type", "")).startswith("sde"):
+        return f"its algorithm_type {cfg.get('algorithm_type')!r} is stochastic (use 'dpmsolver++' or 'dpmsolver')"
+    if cfg.get("prediction_type", "epsilon") not in PREDICTIONS:
+        return f"its prediction_type {cfg.get('prediction_type')!r} is not one of {PREDICTIONS}"
+    if cfg.get("thresholding", False):
+        return "it thresholds each step's clean estimate (thresholding=True), which a stage boundary would not repeat"
+    return None
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """One stage of a stateful sampler: the scheduler's schedule for `total` steps, entered at `begin`.
+
+    timesteps: the scheduler's whole schedule (what its solver indexes); the stage runs `timesteps[begin:]`.
+    alpha, sigma: x = alpha x0 + sigma noise at each of the stage's steps (the sampler's own noise levels).
+    """
+
+    total: int
+    begin: int
+    timesteps: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+
+    @property
+    def steps(self) -> torch.Tensor:
+        return self.timesteps[self.begin:]
+
+
+def stage_length(steps: int, strength: float) -> tuple[int, int]:
+    """(N, begin): the schedule of N steps whose last `steps` start nearest `strength` (n / N), below 1 when the
+    strength is."""
+    if strength >= 1:
+        return steps, 0
+    total = max(steps + 1, round(steps / strength))
+    return total, total - steps
+
+
+def _noise_levels(scheduler, begin: int, steps: int, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = scheduler.config
+    if type(scheduler).__name__ == "DDIMScheduler":  # no sigmas: the noise schedule at the timestep itself
+        a = scheduler.alphas_cumprod[timesteps[begin:].long().cpu()].double()
+        return a.sqrt(), (1 - a).sqrt()
+    s = scheduler.sigmas[begin:begin + steps].double().cpu()
+    if cfg.get("use_flow_sigmas", False):
+        return 1 - s, s
+    alpha = 1 / (s ** 2 + 1).sqrt()
+    return alpha, s * alpha
+
+
+def enter_stage(scheduler, call: dict, steps: int, strength: float) -> StageSchedule:
+    """Set `scheduler` for a stage of `steps` steps from `strength`: its class's own `set_timesteps` with the call's
+    arguments (`call`: the pipeline's, bound by name) for N steps, and its begin index (as img2img pipelines do).
+    The class's methods, not the instance's attributes: hooks on the instance (the step clock's, this driver's)
+    hear nothing, since the stage is not a new run."""
+    total, begin = stage_length(steps, strength)
+    cls = type(scheduler)
+    cls.set_timesteps(scheduler, **{**call, "num_inference_steps": total})
+    if hasattr(cls, "set_begin_index"):
+        cls.set_begin_index(scheduler, begin)
+    ts = scheduler.timesteps
+    alpha, sigma = _noise_levels(scheduler, begin, steps, ts)
+    return StageSchedule(total, begin, ts, alpha, sigma)
+
+
+def stage_schedules(scheduler, call: dict, stages: tuple[Stage, ...], counts: list[int]) -> list[StageSchedule]:
+    """Every stage's schedule, made on a fresh copy of `scheduler` (its config, the call's arguments): pure."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    return [enter_stage(fresh, call, n, st.strength) for st, n in zip(stages, counts)]
+
+
+def clean_estimate(scheduler, output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """x0 from a model output at a step with noise levels (alpha, sigma), by the scheduler's prediction type, in
+    float32. Euler's samples are in sigma space (x = x0 + (sigma / alpha) noise); the others' x = alpha x0 + sigma
+    noise (flow: alpha = 1 - sigma). A learned-variance output (twice the channels) gives its first half."""
+    cfg = scheduler.config
+    e, x = output.float(), sample.float()
+    if e.shape[1] != x.shape[1]:
+        e = e[:, :x.shape[1]]
+    if type(scheduler).__name__ == "EulerDiscreteScheduler":
+        x = x * alpha  # to the x = alpha x0 + sigma noise the model's input was scaled to
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        x0 = (x - sigma * e) / alpha
+    elif kind == "v_prediction":
+        x0 = alpha * x - sigma * e
+    elif kind == "flow_prediction":
+        x0 = x - sigma * e
+    else:
+        x0 = e
+    if cfg.get("clip_sample", False):
+        r = cfg.get("clip_sample_range", 1.0)
+        x0 = x0.clamp(-r, r)
+    return x0
