@@ -113,6 +113,23 @@ class TokenModule:
 
 
 @dataclass(frozen=True)
+class AttentionOp:
+    """An attention op the cost model cannot find as a module with `to_q`/`to_k` linears (a fused qkv projection
+    with attention called as a function, e.g. ComfyUI's Flux): priced on the modules whose path matches `path`.
+
+    Args:
+        path: regex on the module path of the module that runs the op (e.g. its block).
+        width: attribute of that module holding the attention's inner width (heads × head dim).
+        q_streams / kv_streams: token streams of the queries and of the keys.
+    """
+
+    path: str
+    width: str
+    q_streams: tuple[str, ...]
+    kv_streams: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TokenSite:
     """Transformer blocks (module paths matching the regex `blocks`) and the token submodules inside them."""
 
@@ -178,6 +195,7 @@ class FamilySpec:
             accounted in summaries, never accelerated, and it is not a denoiser fastdiff applies to.
         resample: how its latents change resolution (ResampleSpec); None: resolution-bottleneck sampling is
             not supported for the family.
+        attention_ops: attention ops to price that are not modules with `to_q`/`to_k` (AttentionOp).
     """
 
     name: str
@@ -198,6 +216,7 @@ class FamilySpec:
     control: bool = False
     timestep_arg: str = "timestep"
     resample: ResampleSpec | None = None
+    attention_ops: tuple[AttentionOp, ...] = ()
 
     def cfg_layout(self, pipeline: Any) -> CfgLayout | None:
         """The CFG layout of `pipeline`'s class, or of the listed base class whose `__call__` it runs: a subclass

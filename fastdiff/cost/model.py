@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +96,9 @@ class CostModel:
                 f"{type(self.adapter.denoiser).__name__}: the cost model needs the token layout, which the auto "
                 f"fallback adapter does not know; supported families: {sorted(_families())}"
             )
-        owners = [(b.path + ".", b.index) for b in self.adapter.blocks]
+        owners = [(b.path + "." if b.path else "", b.index) for b in self.adapter.blocks]  # "": the whole model
         for path, module in self.adapter.denoiser.named_modules():
-            block = next((i for prefix, i in owners if path.startswith(prefix)), None)
+            block = next((i for prefix, i in owners if (path + ".").startswith(prefix)), None)
             level = spec.level(path, self.adapter.denoiser) if spec.level else 0
             if isinstance(module, torch.nn.Linear):
                 self.terms.append(Term(path, block, "linear", 2.0 * module.in_features * module.out_features,
@@ -111,6 +112,10 @@ class CostModel:
                 kv = tuple(spec.stream_of(f"{path}.{n}") for n in ("to_k", "add_k_proj") if _linear(module, n))
                 self.terms.append(Term(path, block, "attention", 4.0 * module.to_q.out_features,
                                        level=level, q_streams=q, kv_streams=kv))
+            for op in spec.attention_ops:  # attention called as a function (fused qkv): named by the adapter
+                if re.search(op.path, path):
+                    self.terms.append(Term(path, block, "attention", 4.0 * getattr(module, op.width), level=level,
+                                           q_streams=op.q_streams, kv_streams=op.kv_streams))
 
         # modules the denoiser runs a second time outside their block count again, outside blocks
         self.terms += [dataclasses.replace(t, block=None) for t in self.terms
@@ -147,7 +152,7 @@ class CostModel:
     def block_of(self, path: str) -> int:
         """Column of `block_flops` that module `path` is charged to (-1: outside blocks)."""
         for block in self.adapter.blocks:
-            if path == block.path or path.startswith(block.path + "."):
+            if not block.path or path == block.path or path.startswith(block.path + "."):
                 return block.index
         return -1
 

@@ -1,0 +1,177 @@
+"""fastdiff's ComfyUI nodes, as data: each `Node` lists its inputs (with tooltips) and the function that patches a
+clone of the MODEL (`fastdiff.integrations.comfyui.patch`). `v3(node)` makes the node a ComfyUI V3 `io.ComfyNode`
+(ComfyUI with `comfy_api`), `v1(node)` a classic INPUT_TYPES / FUNCTION class (older ComfyUI): one definition
+serves both. Settings are fractions of the run's steps, never step counts, so a node works at any step count; a
+setting that cannot save anything in a run says so in the log and in the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastdiff.integrations import comfyui as host
+
+CATEGORY = "fastdiff"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One node input: `kind` is "model", "latent", "float", "int", "combo" or "bool"."""
+
+    name: str
+    kind: str
+    tooltip: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node: id, display name, what it does, its inputs, its outputs ((kind, name, tooltip) each) and `run`
+    (the inputs by name -> the outputs, in order)."""
+
+    id: str
+    display: str
+    description: str
+    inputs: tuple[Input, ...]
+    outputs: tuple[tuple[str, str, str], ...]
+    run: Callable[..., tuple]
+    output_node: bool = False
+
+
+MODEL_IN = Input("model", "model", "The model to accelerate. It is not changed: the node patches a clone.")
+MODEL_OUT = (("model", "MODEL", "A clone of the model that runs accelerated when sampled."),)
+START = Input("start_percent", "float", "Fraction of the sampling steps always computed first (the image's layout "
+              "is decided there); e.g. 0.2 of 20 steps: the first 4.", 0.15, 0.0, 1.0, 0.01)
+END = Input("end_percent", "float", "Fraction of the steps after which every step is computed again (fine detail); "
+            "1.0: until the last step.", 0.95, 0.0, 1.0, 0.01)
+
+
+def _cache(model, policy, interval, threshold, estimator, start_percent, end_percent, head_blocks, tail_blocks):
+    settings = {"policy": policy, "interval": interval, "threshold": threshold, "estimator": estimator,
+                "start": start_percent, "end": end_percent, "head": head_blocks, "tail": tail_blocks}
+    return (host.patch(model, "cache", settings),)
+
+
+def _cfg_skip(model, start_percent, mode, threshold):
+    return (host.patch(model, "guidance", {"start": start_percent, "mode": mode, "threshold": threshold}),)
+
+
+def _report(model, latent):
+    plan = host.plan_of(model)
+    if plan is None:
+        text = "fastdiff: this model was not patched by a fastdiff node"
+    elif plan.last is None:
+        text = "fastdiff: this model has not been sampled yet (connect the sampler's LATENT output here)"
+    else:
+        text = "\n".join([plan.report, *plan.notes])
+    return text, latent
+
+
+NODES = (
+    Node("FastDiffCache", "fastdiff Cache",
+         "Step caching: a span of the model's blocks (a UNet: the whole model) is computed at some steps and its "
+         "residual reused at the others, under one of fastdiff's policies.",
+         (MODEL_IN,
+          Input("policy", "combo", "When to reuse: 'static' every interval-th step is computed (FORA / DeepCache); "
+                "'easycache' while the predicted output change stays under the threshold (EasyCache); 'residual' "
+                "while the first blocks' residual changes less than the threshold (first-block cache; DiTs, needs "
+                "head_blocks >= 1); 'delta' Δ-DiT (front blocks cached late, rear blocks early).", "static",
+                options=("static", "easycache", "residual", "delta")),
+          Input("interval", "int", "static / delta: compute every interval-th step (1 never reuses).", 2, 1, 100, 1),
+          Input("threshold", "float", "easycache / residual: accumulated relative change allowed before a step is "
+                "computed again; higher skips more (0 never reuses).", 0.2, 0.0, 10.0, 0.01),
+          Input("estimator", "combo", "What stands in for a skipped span: 'reuse' the last computed residual, "
+                "'taylor' a forecast from the last computed steps (TaylorSeer), 'foca' a predictor-corrector "
+                "forecast.", "reuse", options=("reuse", "taylor", "foca")),
+          START, END,
+          Input("head_blocks", "int", "Blocks at the front always computed (the residual policy reads them).",
+                0, 0, 64, 1),
+          Input("tail_blocks", "int", "Blocks at the back always computed.", 0, 0, 64, 1)),
+         MODEL_OUT, _cache),
+    Node("FastDiffSkipCFG", "fastdiff Skip CFG",
+         "Late in sampling the negative (unconditional) prediction is stood in for by the positive one minus the "
+         "last measured guidance difference, so only the positive cond runs (Adaptive Guidance). Needs cfg > 1.",
+         (MODEL_IN,
+          Input("start_percent", "float", "Fraction of the steps after which the negative cond is skipped.", 0.5,
+                0.0, 1.0, 0.01),
+          Input("mode", "combo", "'step' skip from start_percent on; 'converged' only once the positive and "
+                "negative predictions agree (cosine similarity >= threshold).", "step", options=("step", "converged")),
+          Input("threshold", "float", "converged mode: the cosine similarity the two predictions must reach.", 0.99,
+                0.0, 1.0, 0.001)),
+         MODEL_OUT, _cfg_skip),
+    Node("FastDiffReport", "fastdiff Report",
+         "What fastdiff did in the model's last sampling run: steps computed / skipped, tokens, estimated speedup. "
+         "Connect the sampler's LATENT output so it runs after sampling; the latent passes through.",
+         (Input("model", "model", "The model a fastdiff node returned (the one given to the sampler)."),
+          Input("latent", "latent", "The sampler's output: ties the report to after the run; passed through.")),
+         (("string", "report", "The report as text."), ("latent", "LATENT", "The latent, unchanged.")),
+         _report, output_node=True),
+)
+
+
+# -- ComfyUI V3 (comfy_api) -----------------------------------------------------------------------------
+def v3(node: Node, io) -> type:
+    """`node` as a V3 `io.ComfyNode` class."""
+    kinds = {"model": io.Model, "latent": io.Latent, "float": io.Float, "int": io.Int, "combo": io.Combo,
+             "bool": io.Boolean, "string": io.String}
+
+    def make_input(i: Input):
+        kw: dict[str, Any] = {"tooltip": i.tooltip}
+        if i.default is not None:
+            kw["default"] = i.default
+        if i.kind == "combo":
+            kw["options"] = list(i.options)
+        for key in ("min", "max", "step"):
+            if getattr(i, key) is not None:
+                kw[key] = getattr(i, key)
+        return kinds[i.kind].Input(i.name, **kw)
+
+    def define_schema(cls):
+        return io.Schema(node_id=node.id, display_name=node.display, category=CATEGORY, description=node.description,
+                         inputs=[make_input(i) for i in node.inputs],
+                         outputs=[kinds[k].Output(display_name=n, tooltip=t) for k, n, t in node.outputs],
+                         is_output_node=node.output_node)
+
+    def execute(cls, **inputs):
+        out = node.run(**inputs)
+        if node.output_node:
+            return io.NodeOutput(*out, ui={"text": [out[0]]})
+        return io.NodeOutput(*out)
+
+    return type(node.id, (io.ComfyNode,), {"define_schema": classmethod(define_schema),
+                                           "execute": classmethod(execute), "__doc__": node.description})
+
+
+# -- older ComfyUI (NODE_CLASS_MAPPINGS) ------------------------------------------------------------------
+V1_TYPES = {"model": "MODEL", "latent": "LATENT", "float": "FLOAT", "int": "INT", "bool": "BOOLEAN",
+            "string": "STRING"}
+
+
+def v1(node: Node) -> type:
+    """`node` as a classic ComfyUI node class (INPUT_TYPES, RETURN_TYPES, FUNCTION)."""
+
+    def input_types(cls):
+        required = {}
+        for i in node.inputs:
+            opts: dict[str, Any] = {"tooltip": i.tooltip}
+            if i.default is not None:
+                opts["default"] = i.default
+            for key in ("min", "max", "step"):
+                if getattr(i, key) is not None:
+                    opts[key] = getattr(i, key)
+            required[i.name] = (list(i.options), opts) if i.kind == "combo" else (V1_TYPES[i.kind], opts)
+        return {"required": required}
+
+    def run(self, **inputs):
+        out = node.run(**inputs)
+        return {"ui": {"text": [out[0]]}, "result": out} if node.output_node else out
+
+    return type(node.id, (), {
+        "INPUT_TYPES": classmethod(input_types), "RETURN_TYPES": tuple(V1_TYPES[k] for k, _, _ in node.outputs),
+        "RETURN_NAMES": tuple(n for _, n, _ in node.outputs), "OUTPUT_TOOLTIPS": tuple(t for _, _, t in node.outputs),
+        "FUNCTION": "run", "run": run, "CATEGORY": CATEGORY, "DESCRIPTION": node.description,
+        "OUTPUT_NODE": node.output_node, "__doc__": node.description})

@@ -1,0 +1,204 @@
+"""The ComfyUI host (fastdiff.integrations.comfyui) on tiny real ComfyUI models: the same mechanisms as diffusers,
+reached through ComfyUI's wrappers and DiT block patches only. Compute changes and the summary says exactly what
+ran; the input MODEL, other clones and other queue items are never touched; a no-op setting is bit-identical."""
+
+import pytest
+import torch
+
+from fastdiff.errors import ConfigError, UnsupportedModelError
+from tests.comfyui import harness
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+FAMILIES = ("flux", "sd15")
+STEPS = 8
+STATIC = {"policy": "static", "interval": 2, "start": 0.1, "end": 0.9}
+
+
+@pytest.fixture(scope="module")
+def host():
+    from fastdiff.integrations import comfyui
+
+    return comfyui
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _forwards(model):
+    """Counts the diffusion model's real forward passes (its first layer's), whatever the wrappers decide."""
+    net = model.model.diffusion_model
+    first = net.img_in if hasattr(net, "img_in") else net.input_blocks[0][0]
+    count = []
+    return count, first.register_forward_hook(lambda *a: count.append(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_skips_steps_and_summary_matches_the_cost_model(host, family):
+    from fastdiff.context import TokenLayout
+    from fastdiff.cost.estimate import dense_table, schedule
+    from fastdiff.mechanisms.caching import StepCache
+
+    model = harness.build_model(family)
+    base = harness.sample(model, steps=STEPS)
+    patched = host.patch(model, "cache", STATIC)
+    count, handle = _forwards(model)
+    try:
+        out = harness.sample(patched, steps=STEPS)
+    finally:
+        handle.remove()
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    plan = host.plan_of(patched)
+    summary = plan.last
+    reused = [r.step for r in summary.per_step if r.decisions == ["cache=reuse"]]
+    # warm-up ceil(0.1 * 8) = 1, cool-down 8 - floor(0.9 * 8) = 1, then every 2nd step reused
+    assert reused == [2, 4, 6]
+    assert summary.steps == STEPS and summary.calls == STEPS
+    if family == "sd15":  # the whole UNet is the cached span: a reused step never runs it
+        assert len(count) == STEPS - len(reused)
+    else:  # Flux' embedders run every step, the blocks only where computed
+        assert len(count) == STEPS
+        assert [r.blocks_computed for r in summary.per_step] == [0 if r.step in reused else 4 for r in summary.per_step]
+    # the run's accounted FLOPs are the cost model's price of the same schedule (static: exact)
+    run = host.ComfyRun(host.Plan({"cache": STATIC}), model.model.diffusion_model, None, steps=STEPS)
+    layout = summary.per_step[0]
+    layout = TokenLayout(run.adapter.layout({"x": harness.empty_latent(family),
+                                             "context": torch.zeros(1, layout.text_tokens, 1)}).grid,
+                         layout.text_tokens, run.adapter.spec.text_position)
+    cfg = harness.RECORDS[family].cfg > 1
+    dense = dense_table(run.cost_model, schedule([(layout, STEPS)], 1, cfg))
+    cached = StepCache(run.config.cache).estimate_cost(dense)
+    assert summary.dense_flops == pytest.approx(dense.flops)
+    assert summary.flops == pytest.approx(cached.flops)
+    assert summary.estimated_speedup == pytest.approx(dense.flops / cached.flops) and summary.estimated_speedup > 1.2
+    assert f"{summary.estimated_speedup:.2f}x" in plan.report and "3 reuse" in plan.report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_model_is_untouched(host, family):
+    model = harness.build_model(family)
+    weights, options = _weights(model), repr(model.model_options)
+    base = harness.sample(model, steps=STEPS)
+    patched = host.patch(model, "cache", STATIC)
+    harness.sample(patched, steps=STEPS)
+    assert _same_weights(weights, _weights(model))
+    assert repr(model.model_options) == options and not model.wrappers
+    assert torch.equal(harness.sample(model, steps=STEPS), base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_noop_setting_is_bit_identical_and_says_so(host, family):
+    model = harness.build_model(family)
+    base = harness.sample(model, steps=STEPS)
+    never = host.patch(model, "cache", {**STATIC, "start": 1.0, "end": 1.0})
+    assert torch.equal(harness.sample(never, steps=STEPS), base)
+    plan = host.plan_of(never)
+    assert plan.last.estimated_speedup == 1.0
+    assert plan.notes and "cache setting does nothing" in plan.notes[0] and "no step can be skipped" in plan.notes[0]
+
+
+def test_few_steps_says_the_cache_does_nothing(host):
+    model = harness.build_model("flux")
+    patched = host.patch(model, "cache", {"policy": "static", "interval": 2, "start": 0.3, "end": 0.7})
+    harness.sample(patched, steps=2)  # warm-up 1 of 2 steps, cool-down 2 - floor(1.4) = 1
+    assert any("does nothing" in n and "with 2 steps" in n for n in host.plan_of(patched).notes)
+    harness.sample(patched, steps=10)  # the same node at 10 steps does skip: the note was that run's only
+    assert not host.plan_of(patched).notes and host.plan_of(patched).last.estimated_speedup > 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_clones_and_two_queue_items_share_no_state(host, family):
+    model = harness.build_model(family)
+    a = host.patch(model, "cache", STATIC)
+    b = host.patch(model, "cache", {**STATIC, "interval": 3})
+    out_a = harness.sample(a, steps=STEPS)
+    out_b = harness.sample(b, steps=STEPS)
+    assert not torch.equal(out_a, out_b)
+    # again, interleaved and with another seed in between: each queue item starts afresh
+    harness.sample(a, steps=STEPS, seed=5)
+    assert torch.equal(harness.sample(b, steps=STEPS), out_b)
+    assert torch.equal(harness.sample(a, steps=STEPS), out_a)
+    assert torch.equal(harness.sample(host.patch(model, "cache", STATIC), steps=STEPS), out_a)  # a fresh clone
+
+
+def test_chained_nodes_make_one_config_and_keep_each_input(host):
+    model = harness.build_model("sd15")
+    cached = host.patch(model, "cache", STATIC)
+    both = host.patch(cached, "guidance", {"start": 0.5})
+    out = harness.sample(both, steps=STEPS)
+    assert torch.isfinite(out).all()
+    summary = host.plan_of(both).last
+    assert "cache[" in summary.config and "guidance" in summary.config
+    assert [d for r in summary.per_step for d in r.decisions][-1] == "guidance=skip-uncond,cache=compute"
+    assert host.plan_of(cached).last is None and set(host.plan_of(cached).sections) == {"cache"}
+    assert len(both.get_wrappers("diffusion_model", host.KEY)) == 1  # one clock for both sections
+
+
+def test_guidance_skips_the_negative_rows(host):
+    model = harness.build_model("sd15")
+    base = harness.sample(model, steps=STEPS)
+    skip = host.patch(model, "guidance", {"start": 0.5})
+    out = harness.sample(skip, steps=STEPS)
+    summary = host.plan_of(skip).last
+    skipped = [r.step for r in summary.per_step if r.decisions == ["guidance=skip-uncond"]]
+    assert skipped == [4, 5, 6, 7]
+    assert summary.per_step[0].branches == ["cond/uncond"]
+    assert summary.estimated_speedup == pytest.approx(16 / 12)  # 4 of 16 rows skipped
+    assert not torch.equal(out, base) and torch.isfinite(out).all()
+    # Flux dev is sampled at cfg 1 (no negative rows): the setting does nothing, and says so
+    flux = host.patch(harness.build_model("flux"), "guidance", {"start": 0.5})
+    harness.sample(flux, steps=STEPS)
+    assert "cfg 1.0" in host.plan_of(flux).notes[0]
+
+
+def test_block_patch_chains_to_another_nodes_patch(host):
+    model = harness.build_model("flux")
+    seen = []
+
+    def theirs(args, extra):
+        seen.append(1)
+        return extra["original_block"](args)
+
+    other = model.clone()
+    other.set_model_patch_replace(theirs, "dit", "double_block", 0)
+    base = harness.sample(other, steps=STEPS)
+    calls = len(seen)
+    never = host.patch(other, "cache", {**STATIC, "start": 1.0, "end": 1.0})
+    assert torch.equal(harness.sample(never, steps=STEPS), base)
+    assert len(seen) == 2 * calls  # theirs still ran, under ours
+
+
+def test_refusals_come_before_anything_is_patched(host):
+    model = harness.build_model("sd15")
+    options = repr(model.model_options)
+    with pytest.raises(UnsupportedModelError, match="UNet"):  # a UNet has no block residual to read
+        host.patch(model, "cache", {"policy": "residual", "head": 1})
+    with pytest.raises(ConfigError, match="fraction"):
+        host.patch(model, "cache", {**STATIC, "start": 1.5})
+    with pytest.raises(ConfigError, match="after its end"):
+        host.patch(model, "cache", {**STATIC, "start": 0.8, "end": 0.2})
+    with pytest.raises(ConfigError, match="interval"):
+        host.patch(model, "cache", {**STATIC, "interval": 0})
+    with pytest.raises(UnsupportedModelError, match="token merging"):  # not through the ComfyUI host yet
+        host.patch(model, "merge", {"ratio": 0.5})
+    assert repr(model.model_options) == options and not model.wrappers
+    with pytest.raises(UnsupportedModelError, match="supported ComfyUI diffusion models"):
+        host.patch(harness.build_model("sd3"), "cache", STATIC)
+
+
+def test_cost_model_prices_comfy_models(host):
+    flux = host.ComfyRun(host.Plan({}), harness.build_model("flux").model.diffusion_model, None, steps=4)
+    terms = [t for t in flux.cost_model.terms if t.kind == "attention"]
+    assert [t.path for t in terms] == ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+    assert [t.block for t in terms] == [0, 1, 2, 3] and terms[0].q_streams == ("joint",)
+    unet = host.ComfyRun(host.Plan({}), harness.build_model("sd15").model.diffusion_model, None, steps=4)
+    assert {t.block for t in unet.cost_model.terms} == {0}  # the whole UNet is its one block
+    levels = {t.path: t.level for t in unet.cost_model.terms}
+    assert levels["input_blocks.1.1.transformer_blocks.0.attn1"] == 0
+    assert levels["input_blocks.2.0.op"] == 1 and levels["middle_block.1.transformer_blocks.0.attn1"] == 1
+    assert levels["output_blocks.1.2.conv"] == 0 and levels["output_blocks.0.1.transformer_blocks.0.attn1"] == 1
