@@ -39,6 +39,7 @@ __all__ = [
     "load_comfy",
     "load_node_pack",
     "load_comfy_node",
+    "load_comfy_extras",
     "build_model",
     "conds",
     "empty_latent",
@@ -200,11 +201,27 @@ def load_node_pack():
 
 
 def load_comfy_node(file: str):
-    """Load one of ComfyUI core's own `comfy_extras/<file>` node modules (e.g. ``nodes_easycache.py``) as its
-    startup does; returns the module."""
+    """One of ComfyUI core's own `comfy_extras/<file>` node modules (e.g. ``nodes_easycache.py``), loaded as its
+    startup does (or as `load_comfy_extras` already did); returns the module."""
+    path = load_comfy().root / "comfy_extras" / file
     if file not in _LOADED:
-        _LOADED[file] = _load_custom_node(load_comfy().root / "comfy_extras" / file, "comfy_extras")
+        module = sys.modules.get(str(path.with_suffix("")))
+        _LOADED[file] = module if module is not None else _load_custom_node(path, "comfy_extras")
     return _LOADED[file]
+
+
+def load_comfy_extras() -> list[str]:
+    """All of ComfyUI core's `comfy_extras` nodes (FluxGuidance, ModelSamplingSD3, EmptySD3LatentImage, ...), as
+    its startup loads them (`nodes.init_builtin_extra_nodes`); returns the files that could not import here
+    (those needing aiohttp, kornia, spandrel or torchaudio, which the tests do not install)."""
+    if "extras" not in _LOADED:
+        c = load_comfy()
+        logging.disable(logging.WARNING)  # each missing optional dependency logs a traceback
+        try:
+            _LOADED["extras"] = asyncio.run(c.nodes.init_builtin_extra_nodes())
+        finally:
+            logging.disable(logging.NOTSET)
+    return _LOADED["extras"]
 
 
 # ---------------------------------------------------------------------------------------------------------- models

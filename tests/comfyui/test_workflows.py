@@ -1,0 +1,135 @@
+"""The node pack as ComfyUI sees it: it loads the way ComfyUI loads a custom_nodes/ folder, its pyproject.toml
+parses with ComfyUI's own registry-config parser, and every example workflow (one per supported family, ComfyUI's
+API format) passes ComfyUI's own prompt validation (`execution.validate_prompt`: node classes exist, required
+inputs present, links of the right type, values in range and in their combo lists) with our nodes loaded, and
+names no input a node does not declare."""
+
+import asyncio
+import copy
+import json
+
+import pytest
+
+from tests.comfyui import harness
+
+WORKFLOWS = harness.NODE_PACK / "example_workflows"
+FAMILY_WORKFLOWS = {"flux": "fastdiff_flux.json", "sd15": "fastdiff_sd15.json", "sd3": "fastdiff_sd3.json",
+                    "wan": "fastdiff_wan.json"}
+# the model-file inputs of the loaders the workflows use -> ComfyUI's model folder they list
+MODEL_FILES = {"UNETLoader": {"unet_name": "diffusion_models"}, "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+               "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+               "CLIPLoader": {"clip_name": "text_encoders"}, "VAELoader": {"vae_name": "vae"}}
+
+
+def _workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def registry(comfy, node_pack, tmp_path_factory):
+    """ComfyUI's node registry with its core extras and our pack loaded, and ComfyUI's model folders listing the
+    files the workflows load (empty placeholders: validation only lists names)."""
+    harness.load_comfy_extras()
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy_models")
+    added = []
+    for name in FAMILY_WORKFLOWS.values():
+        for node in _workflow(name).values():
+            for key, folder in MODEL_FILES.get(node["class_type"], {}).items():
+                (root / folder).mkdir(exist_ok=True)
+                (root / folder / node["inputs"][key]).touch()
+                if (folder, str(root / folder)) not in added:
+                    folder_paths.add_model_folder_path(folder, str(root / folder))
+                    added.append((folder, str(root / folder)))
+    yield comfy.nodes.NODE_CLASS_MAPPINGS
+    for folder, path in added:
+        folder_paths.folder_names_and_paths[folder][0].remove(path)
+    folder_paths.filename_list_cache.clear()
+
+
+def _problems(comfy, mappings, workflow: dict) -> list[str]:
+    """Everything wrong with `workflow` by ComfyUI's validation, plus inputs its nodes do not declare."""
+    problems = []
+    for node_id, node in workflow.items():
+        cls = mappings.get(node["class_type"])
+        if cls is None:
+            problems.append(f"#{node_id}: no node class {node['class_type']}")
+            continue
+        declared = {k for part in cls.INPUT_TYPES().values() for k in part}
+        problems += [f"#{node_id} {node['class_type']}: no input {k!r}" for k in sorted(set(node["inputs"]) - declared)]
+    ok, error, good, node_errors = asyncio.run(comfy.execution.validate_prompt("test", workflow, None))
+    outputs = {i for i, n in workflow.items() if getattr(mappings.get(n["class_type"]), "OUTPUT_NODE", False)}
+    if not ok:
+        problems.append(f"{error['message']}: {error['details']}")
+    if set(good) != outputs:
+        problems.append(f"outputs that failed validation: {sorted(outputs - set(good))}")
+    for node_id, info in node_errors.items():
+        problems += [f"#{node_id} {info['class_type']}: {e['message']}: {e['details']}" for e in info["errors"]]
+    return problems
+
+
+def test_pack_loads_as_a_custom_node(comfy, node_pack):
+    ours = [name for name, cls in comfy.nodes.NODE_CLASS_MAPPINGS.items()
+            if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == "custom_nodes.comfyui_fastdiff"]
+    assert {"FastDiffCache", "FastDiffReport"} <= set(ours)
+    assert all(comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name) for name in ours)
+
+
+def test_pyproject_parses_as_comfy_registry_config(comfy):
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(harness.NODE_PACK))
+    assert config is not None
+    assert config.project.name == "fastdiff-nodes" and config.project.version
+    assert any(dep.split(">")[0].split("=")[0].strip() == "fastdiff" for dep in config.project.dependencies)
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name
+    assert config.project.supported_comfyui_version == ">=0.3.75"
+
+
+def test_every_family_has_a_workflow():
+    assert set(FAMILY_WORKFLOWS) == set(harness.FAMILIES)
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(FAMILY_WORKFLOWS.values())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_WORKFLOWS))
+def test_workflow_is_valid(comfy, registry, family):
+    workflow = _workflow(FAMILY_WORKFLOWS[family])
+    assert _problems(comfy, registry, workflow) == []
+    # the sampler samples a model that went through our nodes, and the report reads that same model
+    sampler = next(n for n in workflow.values() if n["class_type"] == "KSampler")
+    report = next(n for n in workflow.values() if n["class_type"] == "FastDiffReport")
+    assert workflow[sampler["inputs"]["model"][0]]["class_type"].startswith("FastDiff")
+    assert report["inputs"]["model"] == sampler["inputs"]["model"]
+
+
+def test_validation_catches_broken_workflows(comfy, registry):
+    """The check above can fail: a misnamed input, a link of the wrong type, a value out of range, a missing class."""
+    good = _workflow(FAMILY_WORKFLOWS["flux"])
+    cache = next(i for i, n in good.items() if n["class_type"] == "FastDiffCache")
+    sampler = next(i for i, n in good.items() if n["class_type"] == "KSampler")
+    broken = []
+    w = copy.deepcopy(good)
+    w[cache]["inputs"]["thresh"] = w[cache]["inputs"].pop("threshold")
+    broken.append(w)
+    w = copy.deepcopy(good)
+    w[sampler]["inputs"]["model"] = w[sampler]["inputs"]["latent_image"]  # a LATENT into a MODEL input
+    broken.append(w)
+    w = copy.deepcopy(good)
+    w[cache]["inputs"]["start_percent"] = 1.5
+    broken.append(w)
+    w = copy.deepcopy(good)
+    w[cache]["class_type"] = "FastDiffNoSuchNode"
+    broken.append(w)
+    for w in broken:
+        assert _problems(comfy, registry, w) != []
+
+
+def test_workflows_are_plain_api_format():
+    for name in FAMILY_WORKFLOWS.values():
+        for node_id, node in _workflow(name).items():
+            assert node_id.isdigit() and set(node) <= {"class_type", "inputs", "_meta"}
+            for value in node["inputs"].values():
+                if isinstance(value, list):  # a link: [source node id, output index]
+                    assert len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
