@@ -210,6 +210,12 @@ class BottleneckConfig:
             last stage must be 1), `steps` (a fraction of the call's steps, or an int count), `strength` (the
             stage's starting noise level in (0, 1]; 1 for a first stage) and optionally `shift` (a fixed flow
             shift for the stage; default: the scheduler's own rule at the stage's token count).
+            One stage may be a *region stage* (region-adaptive upsampling, RALU-style; FLUX-family pipelines only):
+            `regions: r`, a fraction in [0, 1], on a stage at scale 2 that follows another stage and precedes a
+            scale-1 stage. At its start the top r of its half-resolution tokens by the edges of the previous
+            stage's clean estimate are upsampled, so it runs a mixed set of coarse and full-size tokens; r = 0 is a
+            plain scale-2 stage, r = 1 a plain scale-1 stage. Caching and guidance skipping compose with it;
+            merging and sparse attention (which need a rectangular token grid) do not.
         resize: how the clean estimate moves between stages: "bicubic", "bilinear", "area" or "lanczos".
         strength_is: "time" (the strength is shifted like any timestep: Bottleneck Sampling's rule) or
             "sigma" (the stage starts at exactly that noise level).
@@ -242,6 +248,19 @@ class BottleneckConfig:
                      f"{where}.shift must be a positive number or absent, got {_shown(shift)}")
         _require(self.stages[-1].get("scale", 1) == 1,
                  "bottleneck.stages: the last stage must be at scale 1, so the output has the requested size")
+        region = [i for i, st in enumerate(self.stages) if "regions" in st]
+        _require(len(region) <= 1, f"bottleneck.stages: at most one region stage, got regions in stages {region}")
+        for i in region:
+            where, r = f"bottleneck.stages[{i}]", self.stages[i]["regions"]
+            _require(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1,
+                     f"{where}.regions must be a fraction in [0, 1], got {_shown(r)}")
+            _require(self.stages[i].get("scale", 1) == 2, f"{where}: a region stage is at scale 2 (coarse tokens at "
+                                                          f"half the side, fine ones full size), got "
+                                                          f"{_shown(self.stages[i].get('scale', 1))}")
+            _require(i > 0, f"{where}: a region stage needs a stage before it (its regions come from that stage's "
+                            "clean estimate)")
+            _require(self.stages[i + 1].get("scale", 1) == 1, f"{where}: the stage after a region stage must be at "
+                                                               "scale 1")
         _require(self.resize in BOTTLENECK_RESIZE, f"bottleneck.resize must be one of {BOTTLENECK_RESIZE}, "
                                                    f"got {_shown(self.resize)}")
         _require(self.strength_is in BOTTLENECK_STRENGTH, f"bottleneck.strength_is must be one of "
@@ -249,11 +268,11 @@ class BottleneckConfig:
 
     def strify(self) -> str:
         stages = "-".join(f"{st.get('scale', 1)}x{st['steps']:g}" + (f"@{st['strength']:g}" if st.get("strength", 1)
-                          != 1 else "") for st in self.stages)
+                          != 1 else "") + (f"r{st['regions']:g}" if "regions" in st else "") for st in self.stages)
         return f"bottleneck[{stages},{self.resize},{self.strength_is}]"
 
 
-BOTTLENECK_STAGE_KEYS = ("scale", "steps", "strength", "shift")
+BOTTLENECK_STAGE_KEYS = ("scale", "steps", "strength", "shift", "regions")  # regions: mechanisms.bottleneck.regions
 BOTTLENECK_RESIZE = ("bicubic", "bilinear", "area", "lanczos")  # the methods mechanisms.bottleneck.resample implements
 BOTTLENECK_STRENGTH = ("time", "sigma")
 

@@ -26,7 +26,7 @@ def _layout(denoiser, bound):
     ids = bound["img_ids"]
     ids = ids[0] if ids.ndim == 3 else ids
     grid = (1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-    if grid[1] * grid[2] != bound["hidden_states"].shape[1]:
+    if grid[1] * grid[2] != bound["hidden_states"].shape[1] or bool((ids[:, 1:] != ids[:, 1:].round()).any()):
         grid = (1, 1, bound["hidden_states"].shape[1])  # ids do not describe a full grid: a flat sequence
     text = bound.get("encoder_hidden_states")
     n_text = 0 if text is None else text.shape[1]
@@ -34,14 +34,19 @@ def _layout(denoiser, bound):
 
 
 def _positions(bound, grid):
-    # img_ids for an (h, w) token grid: (0, row, col) per token, row-major, as FluxPipeline builds them
+    # img_ids for an (h, w) token grid: (0, row, col) per token, row-major, as FluxPipeline builds them; or for an
+    # (N, 2) tensor of (row, col) positions, fractional ones too (a mixed-resolution set: bottleneck regions)
     ids = bound["img_ids"]
     base = ids[0] if ids.ndim == 3 else ids
-    h, w = grid
-    new = base.new_zeros(h * w, 3)
+    if isinstance(grid, torch.Tensor):
+        new = base.new_zeros(grid.shape[0], 3)
+        new[:, 1:] = grid.to(device=base.device, dtype=base.dtype)
+    else:
+        h, w = grid
+        new = base.new_zeros(h * w, 3)
+        new[:, 1] = torch.arange(h, device=base.device).repeat_interleave(w).to(base.dtype)
+        new[:, 2] = torch.arange(w, device=base.device).repeat(h).to(base.dtype)
     new[:, 0] = base[0, 0]
-    new[:, 1] = torch.arange(h, device=base.device).repeat_interleave(w).to(base.dtype)
-    new[:, 2] = torch.arange(w, device=base.device).repeat(h).to(base.dtype)
     return {"img_ids": new.expand(ids.shape[0], -1, -1) if ids.ndim == 3 else new}
 
 

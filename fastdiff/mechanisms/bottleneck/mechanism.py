@@ -14,6 +14,7 @@ from typing import Any
 
 from ...errors import FastDiffError, UnsupportedModelError
 from ..base import Mechanism
+from . import regions as _regions
 from .driver import Driver
 from .schedule import Stage, split_steps
 
@@ -25,8 +26,20 @@ def stages_of(config) -> tuple[Stage, ...]:
 
 def make_driver(config, resample, hidden_arg: str = "hidden_states", denoiser_config=None) -> Driver:
     multiple = resample.multiple(denoiser_config) if resample.multiple and denoiser_config is not None else 1
-    return Driver(stages_of(config), resize=config.resize, strength_is=config.strength_is, packing=resample.packing,
-                  positions=resample.positions, multiple=multiple, hidden_arg=hidden_arg)
+    kind, extra = Driver, {}
+    region = region_of(config)
+    if region is not None:  # region-adaptive upsampling: one stage runs a mixed-resolution token set
+        from ...clock import MAX_CALLS_PER_STEP
+
+        kind = _regions.RegionDriver
+        extra = dict(region=region, fraction=config.stages[region]["regions"], max_calls=MAX_CALLS_PER_STEP)
+    return kind(stages_of(config), resize=config.resize, strength_is=config.strength_is, packing=resample.packing,
+                positions=resample.positions, multiple=multiple, hidden_arg=hidden_arg, **extra)
+
+
+def region_of(config) -> int | None:
+    """The index of the section's region stage (a stage with `regions`), or None."""
+    return next((i for i, st in enumerate(config.stages) if "regions" in st), None)
 
 
 def stage_sizes(config, *, height: int, width: int, steps: int, num_frames: int | None = None) -> list[dict]:
@@ -34,8 +47,16 @@ def stage_sizes(config, *, height: int, width: int, steps: int, num_frames: int 
     divided by the stage's scale: the pipeline's VAE scale then applies as for any call) and its steps."""
     stages = stages_of(config)
     counts = split_steps(steps, stages)
-    return [dict(height=height // st.scale, width=width // st.scale, steps=n, num_frames=num_frames)
-            for st, n in zip(stages, counts)]
+    out = [dict(height=height // st.scale, width=width // st.scale, steps=n, num_frames=num_frames)
+           for st, n in zip(stages, counts)]
+    region = region_of(config)
+    if region is not None:
+        r = config.stages[region]["regions"]
+        if r >= 1:  # only fine tokens: the full grid
+            out[region].update(height=height, width=width)
+        elif r > 0:  # a stand-in twice the half grid's width, which `Bottleneck.estimate_cost` prices as the mixed set
+            out[region].update(width=width)
+    return out
 
 
 class Bottleneck(Mechanism):
@@ -50,6 +71,8 @@ class Bottleneck(Mechanism):
             raise UnsupportedModelError(
                 f"{type(adapter.denoiser).__name__}: resolution-bottleneck sampling needs to know how the "
                 f"'{adapter.name}' family's latents change size (FamilySpec.resample); supported families: {known}")
+        if region_of(self.config) is not None:
+            _regions.check_family(adapter)
         make_driver(self.config, adapter.spec.resample)  # stage values checked before anything is touched
 
     @staticmethod
@@ -66,6 +89,8 @@ class Bottleneck(Mechanism):
         self.scheduler, self.pipeline = scheduler, pipeline
         driver = make_driver(self.config, spec.resample, spec.hidden_arg, adapter.denoiser.config)
         driver.check_stages(scheduler, type(adapter.denoiser).__name__)  # before any hook of the driver's
+        if isinstance(driver, _regions.RegionDriver):
+            driver.check_composition(scheduler, session.mechanisms, type(adapter.denoiser).__name__)
         self.driver = driver
         step_sig = inspect.signature(scheduler.step)
 
@@ -107,18 +132,30 @@ class Bottleneck(Mechanism):
 
     def dense_layout(self, layout):
         """The layout of this call at full size: the stage's token grid times its scale (height and width)."""
+        if isinstance(self.driver, _regions.RegionDriver) and self.driver.in_region():
+            return self.driver.dense_layout(layout)
         s = self.driver._scale(self.driver.run)
         f, h, w = layout.grid
         return layout if s == 1 else dataclasses.replace(layout, grid=(f, h * s, w * s))
 
     def estimate_cost(self, table):
         # Priced by the table's rows themselves: `fastdiff.estimate` builds them at each stage's size
-        # (`stage_sizes`), and records of a run carry the layout each call had.
-        return table
+        # (`stage_sizes`), and records of a run carry the layout each call had; a region stage's rows are re-priced
+        # from their stand-in grid as the mixed set (`regions.price`).
+        region = region_of(self.config)
+        if region is None or not 0 < self.config.stages[region]["regions"] < 1:
+            return table
+        return _regions.price(table, region, self.config.stages[region]["regions"])
 
     def report(self, records) -> dict:
         run = getattr(self, "driver", None) and self.driver.run
         stages = [dict(scale=s.scale, strength=s.strength) for s in stages_of(self.config)]
+        region = region_of(self.config)
+        if region is not None:
+            stages[region]["regions"] = self.config.stages[region]["regions"]
+            driver = getattr(self, "driver", None)
+            if isinstance(driver, _regions.RegionDriver) and driver.tokens_seen() is not None:
+                stages[region]["tokens"] = driver.tokens_seen()  # image tokens of the region stage's calls
         return dict(stages=stages, steps=list(run.counts) if run else None)
 
 
