@@ -229,3 +229,228 @@ def test_config_names_what_the_mechanism_implements():
     from fastdiff.mechanisms.bottleneck.schedule import STRENGTH_RULES
 
     assert config.BOTTLENECK_RESIZE == resample.METHODS and set(config.BOTTLENECK_STRENGTH) == set(STRENGTH_RULES)
+
+
+# -- stateful samplers (DDIM, DPM-Solver, Euler, UniPC): epsilon, v and flow predictions -----------------------------
+
+from fastdiff.mechanisms.bottleneck.schedule import clean_estimate, stage_length, stage_schedules  # noqa: E402
+
+# the tiny families whose pipelines sample with a stateful sampler: SD1.5 DDIM, SDXL Euler, DiT DDIM, PixArt DPM,
+# Wan UniPC (flow_prediction)
+STATEFUL = ("sd15", "sdxl", "dit", "pixart", "wan")
+ONE_STAGE = {"bottleneck": {"stages": [{"scale": 1, "steps": 1.0}]}}
+
+
+def test_stage_length_and_a_stage_schedule_by_hand():
+    from diffusers import DDIMScheduler
+
+    assert stage_length(4, 1.0) == (4, 0)
+    assert stage_length(8, 0.85) == (9, 1)  # 8 of 9 steps: 0.89, the nearest to 0.85
+    assert stage_length(2, 0.85) == (3, 1)  # below pure noise whenever the strength is
+    assert stage_length(4, 0.5) == (8, 4)
+    sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                        timestep_spacing="leading", set_alpha_to_one=False)
+    sch.set_timesteps(6)  # the pipeline's run: 6 steps, split 4 + 2, the second stage from strength 0.7
+    first, second = stage_schedules(sch, {}, (Stage(2, 4), Stage(1, 2, 0.7)), [4, 2])
+    assert first.steps.tolist() == [751, 501, 251, 1]  # leading spacing for 4 steps: 250 apart, offset 1
+    assert (second.total, second.begin, second.steps.tolist()) == (3, 1, [334, 1])  # 3 steps 333 apart, from the 2nd
+    a = sch.alphas_cumprod[torch.tensor([334, 1])].double()
+    torch.testing.assert_close(second.alpha, a.sqrt())
+    torch.testing.assert_close(second.sigma, (1 - a).sqrt())
+    assert sch.timesteps.tolist() == [831, 665, 499, 333, 167, 1]  # the scheduler given is untouched (a copy)
+
+
+@pytest.mark.parametrize("kind", ["ddim-epsilon", "ddim-v_prediction", "ddim-sample", "euler-epsilon",
+                                  "euler-v_prediction", "unipc-flow_prediction"])
+def test_clean_estimate_inverts_each_prediction_type(kind):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    name, pred = kind.split("-")
+    x0, n = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    if name == "unipc":
+        sch = UniPCMultistepScheduler(prediction_type=pred, use_flow_sigmas=True, flow_shift=3.0)
+        alpha, sigma = 0.6, 0.4
+    else:
+        sch = DDIMScheduler(prediction_type=pred, clip_sample=False) if name == "ddim" else \
+            EulerDiscreteScheduler(prediction_type=pred)
+        alpha = 0.8
+        sigma = (1 - alpha ** 2) ** 0.5
+    x = alpha * x0 + sigma * n  # the forward process at (alpha, sigma)
+    out = {"epsilon": n, "v_prediction": alpha * n - sigma * x0, "sample": x0, "flow_prediction": n - x0}[pred]
+    sample = x / alpha if name == "euler" else x  # Euler holds x0 + (sigma / alpha) noise
+    torch.testing.assert_close(clean_estimate(sch, out, sample, alpha, sigma), x0, atol=1e-5, rtol=1e-5)
+
+
+_pipes: dict = {}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """family -> (pipeline, its plain output at 4 steps); built once for the module."""
+    yield _pipes
+    _pipes.clear()
+
+
+def _plain(pipes, name):
+    if name not in pipes:
+        pipe = tiny.build_pipeline(name)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[name] = (pipe, tiny.output_tensor(pipe(**tiny.pipeline_kwargs(name, steps=4))))
+    return pipes[name]
+
+
+def _denoiser(pipe):
+    return pipe.unet if "unet" in pipe.components else pipe.transformer
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", STATEFUL)
+def test_stateful_samplers_run_the_stages_and_one_full_stage_is_the_plain_run(pipes, name):
+    pipe, base = _plain(pipes, name)
+    tokens = []
+    with fastdiff.accelerated(pipe, preset="bottleneck-fast") as h:
+        out = tiny.output_tensor(pipe(**tiny.pipeline_kwargs(name, steps=4)))
+        s = h.summary()
+        tokens = [r.image_tokens for r in s.per_step]
+    assert out.shape == base.shape and out.dtype == base.dtype and torch.isfinite(out).all()
+    assert [r.stage for r in s.per_step] == [0, 0, 1, 1] and tokens[0] * 4 == tokens[-1]  # a quarter, then full
+    assert not torch.equal(out, base)
+    with fastdiff.accelerated(pipe, ONE_STAGE):  # the scheduler re-entered for the one stage: the same schedule
+        assert torch.equal(tiny.output_tensor(pipe(**tiny.pipeline_kwargs(name, steps=4))), base)
+    assert torch.equal(tiny.output_tensor(pipe(**tiny.pipeline_kwargs(name, steps=4))), base)  # removed: bit-exact
+
+
+def _spy_steps(pipe, log):
+    """Wrap the scheduler's step innermost (before fastdiff): what the driver hands the sampler, per step."""
+    hs, sch = HookSet(), pipe.scheduler
+
+    def spy(inner, args, kwargs):
+        state = getattr(sch, "lower_order_nums", None), [m is None for m in getattr(sch, "model_outputs", [])]
+        out = inner(*args, **kwargs)
+        log.append(dict(e=args[0].clone(), t=args[1], y=args[2].clone(), prev=out[0].clone(), state=state))
+        return out
+
+    hs.wrap(sch, "test.spy", spy, attr="step")
+    return hs
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_renoise_at_a_stage_start_is_the_schedulers_own_rule_by_hand(pipes):
+    """SD1.5 with DDIM, no CFG (the step's model output is the UNet's): at the end of the 16 px stage the clean estimate
+    (x - sqrt(1 - a) eps) / sqrt(a) is resized and re-noised to sqrt(a') x0 + sqrt(1 - a') n at the next stage's first
+    timestep, with the run's per-row noise."""
+    pipe, _ = _plain(pipes, "sd15")
+    first = torch.randn(1, 4, 8, 24, generator=torch.Generator().manual_seed(3))
+    kw = tiny.pipeline_kwargs("sd15", steps=6, cfg=False) | {"width": 48, "latents": first}
+    log = []
+    spy = _spy_steps(pipe, log)
+    try:
+        with fastdiff.accelerated(pipe, TWO_STAGES):  # 3 steps at half size, then 3 from strength 0.6 (3 of 5)
+            pipe(**kw)
+    finally:
+        spy.remove()
+    assert [tuple(r["y"].shape[-2:]) for r in log] == [(4, 12)] * 3 + [(8, 24)] * 3
+    # leading spacing: 3 steps 333 apart; then the last 3 of 5 (200 apart), as img2img at strength 0.6 runs them
+    assert [int(r["t"]) for r in log] == [667, 334, 1] + [401, 201, 1]
+    a = pipe.scheduler.alphas_cumprod
+    end = log[2]
+    x0 = (end["y"] - (1 - a[1]).sqrt() * end["e"]) / a[1].sqrt()
+    x0 = resample.resize(x0, (8, 24), "bicubic")
+    noise = resample.row_noise(first, x0.shape, 1, torch.float32, "cpu")
+    torch.testing.assert_close(log[3]["y"], a[401].sqrt() * x0 + (1 - a[401]).sqrt() * noise, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_stage_starts_dpm_solver_afresh_first_order_by_hand(pipes):
+    """PixArt with DPM-Solver++ (2nd order): a stage's first step sees no history (lower_order_nums 0, no model
+    outputs kept) and is the first-order update x' = (s'/s) x - a' (exp(-h) - 1) x0, on the stage's own sigmas."""
+    pipe, _ = _plain(pipes, "pixart")
+    log = []
+    spy = _spy_steps(pipe, log)
+    try:
+        with fastdiff.accelerated(pipe, TWO_STAGES):
+            pipe(**tiny.pipeline_kwargs("pixart", steps=6))
+    finally:
+        spy.remove()
+    assert [r["state"][0] for r in log] == [0, 1, 2, 0, 1, 2]  # the warm-up restarts at the stage
+    assert all(log[3]["state"][1])
+    sch = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sch.set_timesteps(5)  # the second stage: 3 steps of a 5-step schedule (strength 0.6)
+    s_s, s_t = sch.sigmas[2].double(), sch.sigmas[3].double()
+    assert int(log[3]["t"]) == int(sch.timesteps[2])
+    a_s, a_t = 1 / (1 + s_s ** 2).sqrt(), 1 / (1 + s_t ** 2).sqrt()
+    sig_s, sig_t = s_s * a_s, s_t * a_t
+    h = (a_t.log() - sig_t.log()) - (a_s.log() - sig_s.log())
+    y, e = log[3]["y"].double(), log[3]["e"].double()
+    x0 = (y - sig_s * e) / a_s
+    torch.testing.assert_close(log[3]["prev"].double(), (sig_t / sig_s) * y - a_t * (torch.exp(-h) - 1) * x0,
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_batch_rows_are_independent(pipes):
+    """SD1.5 (DDIM, batched CFG): two prompts with a generator each equal each alone (re-noise is per row)."""
+    pipe, _ = _plain(pipes, "sd15")
+
+    def run(rows):
+        kw = tiny.pipeline_kwargs("sd15", steps=4, batch_size=2)
+        kw["prompt_embeds"], kw["negative_prompt_embeds"] = kw["prompt_embeds"][rows], kw["negative_prompt_embeds"][rows]
+        kw["generator"] = [torch.Generator().manual_seed(10 + r) for r in rows]
+        return tiny.output_tensor(pipe(**kw))
+
+    with fastdiff.accelerated(pipe, preset="bottleneck-fast"):
+        both, one, two = run([0, 1]), run([0]), run([1])
+    torch.testing.assert_close(both, torch.cat([one, two]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sdxl_size_conditioning_follows_the_stage(pipes):
+    pipe, _ = _plain(pipes, "sdxl")
+    seen = []
+    hook = pipe.unet.add_time_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].view(-1, 6)[0].tolist()))
+    try:
+        with fastdiff.accelerated(pipe, preset="bottleneck-fast"):
+            pipe(**tiny.pipeline_kwargs("sdxl", steps=4))
+    finally:
+        hook.remove()
+    assert seen == [[32, 32, 0, 0, 16, 16]] * 2 + [[32, 32, 0, 0, 32, 32]] * 2  # target size: the stage's
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stateful_refusals_touch_nothing(pipes, snapshot):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe, base = _plain(pipes, "sd15")
+    unet, kw = pipe.unet, lambda **o: tiny.pipeline_kwargs("sd15", steps=4) | o
+    before = snapshot(unet, pipe.scheduler)
+    # a per-stage shift is FlowMatchEuler's: refused at apply
+    with pytest.raises(fastdiff.UnsupportedModelError, match="UNet2DConditionModel: .*DDIMScheduler: stages \\[1\\] "
+                                                             "set a shift"):
+        fastdiff.apply(pipe, {"bottleneck": {"stages": [{"scale": 2, "steps": 0.5},
+                                                        {"scale": 1, "steps": 0.5, "strength": 0.6, "shift": 3.0}]}})
+    assert fastdiff.session_of(pipe) is None and snapshot(unet, pipe.scheduler) == before
+    # an ancestral sampler: refused at apply, naming it and what runs
+    saved, pipe.scheduler = pipe.scheduler, EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    try:
+        with pytest.raises(fastdiff.UnsupportedModelError, match="deterministic samplers .*UniPCMultistepScheduler, "
+                                                                 "and StableDiffusionPipeline samples with "
+                                                                 "EulerAncestralDiscreteScheduler"):
+            fastdiff.apply(pipe, preset="bottleneck-fast")
+        assert fastdiff.session_of(pipe) is None
+    finally:
+        pipe.scheduler = saved
+    # a latent size the UNet's downsampling does not divide at half size (12 / 2 = 6, not a multiple of 4), and DDIM's
+    # eta: refused at the run's first call / first step, before the UNet runs / before a second call
+    calls = []
+    hook = unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with fastdiff.accelerated(pipe, preset="bottleneck-fast"):
+            with pytest.raises(fastdiff.ConfigError, match=r"latents of \(12, 12\) do not divide .*multiples of 8"):
+                pipe(**kw(height=24, width=24))
+            assert not calls
+            with pytest.raises(fastdiff.UnsupportedModelError, match=r"DDIMScheduler with \['eta'\]"):
+                pipe(**kw(eta=0.5))
+            assert len(calls) == 1
+    finally:
+        hook.remove()
+    assert torch.equal(tiny.output_tensor(pipe(**kw())), base)  # the pipeline as before

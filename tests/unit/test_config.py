@@ -313,9 +313,10 @@ def test_family_overrides_apply_per_family_and_explicit_user_values_win(tmp_path
 REFUSED = {("merge-todo", family): "ToDo pools self-attention keys/values; this family's self-attention projects text "
            "and image jointly or rotates its keys with RoPE (merge-tome supports it)"
            for family in tiny.FAMILIES if family not in TODO}
-# resolution-bottleneck sampling: flow-matching pipelines whose adapter says how latents resize
+# resolution-bottleneck sampling: every family whose adapter says how latents resize (all tiny samplers are ones it
+# runs: FlowMatchEuler, DDIM, DPM-Solver, Euler, UniPC)
 REFUSED |= {("bottleneck-fast", family): "resolution-bottleneck sampling" for family in tiny.FAMILIES
-            if family not in ("flux", "sd3", "hunyuan")}
+            if tiny.spec(family).resample is None}
 
 
 def test_every_preset_accelerates_every_family_by_the_cost_model():
