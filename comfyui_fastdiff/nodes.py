@@ -60,6 +60,10 @@ def _cfg_skip(model, start_percent, mode, threshold):
     return (host.patch(model, "guidance", {"start": start_percent, "mode": mode, "threshold": threshold}),)
 
 
+def _accelerate(model, speedup):
+    return (host.patch(model, host.ACCELERATE, {"speedup": speedup}),)
+
+
 def _report(model, latent):
     plan = host.plan_of(model)
     if plan is None:
@@ -103,6 +107,16 @@ NODES = (
           Input("threshold", "float", "converged mode: the cosine similarity the two predictions must reach.", 0.99,
                 0.0, 1.0, 0.001)),
          MODEL_OUT, _cfg_skip),
+    Node("FastDiffAccelerate", "fastdiff Accelerate",
+         "A target speedup instead of settings: at each run fastdiff's planner picks, from the settings measured "
+         "on its reference models, the caching and CFG-skipping with the most expected fidelity whose predicted "
+         "cost is at most 1/speedup of the plain model's, for that run's steps and size. Mechanisms set by other "
+         "fastdiff nodes on this model are kept and planned around. A target out of reach stops the run, naming "
+         "the reachable range.",
+         (MODEL_IN,
+          Input("speedup", "float", "Wanted speedup over the plain model in predicted compute (FLOPs), e.g. 2.0; "
+                "the report says what was chosen and the speedup that ran.", 2.0, 1.0, 100.0, 0.05)),
+         MODEL_OUT, _accelerate),
     Node("FastDiffReport", "fastdiff Report",
          "What fastdiff did in the model's last sampling run: steps computed / skipped, tokens, estimated speedup. "
          "Connect the sampler's LATENT output so it runs after sampling; the latent passes through.",

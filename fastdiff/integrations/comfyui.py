@@ -48,6 +48,9 @@ log = logging.getLogger("fastdiff.comfyui")
 
 # Settings the nodes give in fractions of the run's steps, turned into the config's step counts per run.
 FRACTIONS = {"cache": ("start", "end")}
+# The Accelerate node's section: a target speedup, planned per run over the mechanisms the other nodes left unset.
+ACCELERATE = "accelerate"
+PLANNED = ("cache", "guidance")  # what the planner may choose here: what this host runs
 
 
 @dataclass
@@ -62,21 +65,24 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # the last run's warnings (settings that did nothing)
     runs: int = 0
 
-    def config(self, steps: int) -> FastDiffConfig:
-        """The config for a run of `steps` steps (ConfigError for bad settings, before any work)."""
+    def sections_at(self, steps: int) -> dict[str, dict]:
+        """The config sections the nodes set, for a run of `steps` steps (fractions made step counts); the
+        Accelerate node's target is planned per run (`ComfyRun`), not here."""
         sections = {}
         for name, settings in self.sections.items():
+            if name == ACCELERATE:
+                continue
             settings = dict(settings)
             if name == "cache":
                 start, end = settings.pop("start", 0.0), settings.pop("end", 1.0)
                 settings["warmup"] = math.ceil(start * steps - 1e-9)
                 settings["cooldown"] = steps - math.floor(end * steps + 1e-9)
             sections[name] = settings
-        return FastDiffConfig.from_dict(sections)
+        return sections
 
 
 def _check_sections(sections: dict[str, dict]) -> None:
-    unknown = sorted(set(sections) - set(SECTIONS) - {"telemetry"})
+    unknown = sorted(set(sections) - set(SECTIONS) - {"telemetry", ACCELERATE})
     if unknown:
         raise ConfigError(f"fastdiff ComfyUI: unknown section(s) {unknown}; sections: {list(SECTIONS)}")
     for name, keys in FRACTIONS.items():
@@ -85,6 +91,9 @@ def _check_sections(sections: dict[str, dict]) -> None:
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ConfigError(f"fastdiff ComfyUI: {name} {key} must be a fraction of the steps in [0, 1], "
                                   f"got {value!r}")
+    target = sections.get(ACCELERATE, {}).get("speedup", 1.0)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= 100.0:
+        raise ConfigError(f"fastdiff ComfyUI: the target speedup must be a number in [1, 100], got {target!r}")
     cache = sections.get("cache", {})
     if cache.get("start", 0.0) > cache.get("end", 1.0):
         raise ConfigError(f"fastdiff ComfyUI: cache start ({cache['start']}) is after its end ({cache['end']})")
@@ -136,8 +145,10 @@ def _outer_sample(executor, *args, **kwargs):
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     noise = args[0] if args else kwargs["noise"]
     plan.runs += 1
-    run = ComfyRun(plan, guider.model_patcher.model.diffusion_model, sigmas, index=plan.runs - 1)
-    plan.notes = run.check(noise, cfg=not math.isclose(float(getattr(guider, "cfg", 1.0)), 1.0))
+    cfg = not math.isclose(float(getattr(guider, "cfg", 1.0)), 1.0)
+    run = ComfyRun(plan, guider.model_patcher.model.diffusion_model, sigmas, index=plan.runs - 1, noise=noise, cfg=cfg,
+                   text_tokens=_text_tokens(guider))
+    plan.notes = run.check(noise, cfg)
     for note in plan.notes:
         log.warning(note)
     guider.model_options = _copy_options(options)
@@ -149,6 +160,13 @@ def _outer_sample(executor, *args, **kwargs):
         plan.last, plan.report = run.close()
         log.info(plan.report)
         print(plan.report)
+
+
+def _text_tokens(guider) -> int | None:
+    """The text tokens of the run's positive cond (its cross-attention input), when the guider holds one."""
+    conds = (getattr(guider, "conds", None) or {}).get("positive") or []
+    text = conds[0].get("cross_attn") if conds and isinstance(conds[0], dict) else None
+    return text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else None
 
 
 def _copy_options(options: dict) -> dict:
@@ -206,7 +224,7 @@ class ComfyRun:
     control = False
 
     def __init__(self, plan: Plan, diffusion_model: torch.nn.Module, sigmas: Any, steps: int | None = None,
-                 index: int = 0):
+                 index: int = 0, noise: torch.Tensor | None = None, cfg: bool = False, text_tokens: int | None = None):
         self.denoiser = diffusion_model
         self.adapter = comfy_adapters.resolve(diffusion_model)
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas.reshape(-1)]  # one host sync per run
@@ -214,7 +232,14 @@ class ComfyRun:
         if not self.steps or self.steps < 1:
             raise FastDiffError(f"fastdiff ComfyUI: a run needs at least one step, got sigmas {self.sigmas}")
         self.index = index
-        self.config = plan.config(self.steps)
+        self.text_tokens = text_tokens  # of the run's cond, to price it before it starts (None: the family's typical)
+        self._cost: CostModel | None = None
+        sections = plan.sections_at(self.steps)
+        self.planned: str = ""  # what the Accelerate node chose for this run
+        if ACCELERATE in plan.sections and noise is not None:  # a dry run (no latent yet) checks the rest only
+            chosen, self.planned = self._accelerate(plan.sections[ACCELERATE]["speedup"], sections, noise, cfg)
+            sections = {**sections, **chosen}
+        self.config = FastDiffConfig.from_dict(sections)
         self.mechanisms = registry.build(self.config)
         self._paths = {id(b.module): b.path for b in self.adapter.blocks}
         self._paths.setdefault(id(diffusion_model), "")
@@ -223,7 +248,6 @@ class ComfyRun:
         self.records: list[CallRecord] = []
         self.current: Call | None = None
         self._step, self._calls = -1, 0
-        self._cost: CostModel | None = None
         for mechanism in self.mechanisms:
             mechanism.validate(self.adapter)
         for mechanism in self.mechanisms:  # innermost first, as a session attaches them
@@ -312,14 +336,46 @@ class ComfyRun:
         img, txt = self.through(path, inner_joint, (), {"img": joint[:, n:], "txt": joint[:, :n], **kw})
         return {"img": torch.cat((txt, img), 1)}
 
+    # -- planning ---------------------------------------------------------------------------------------
+    def _dense(self, noise: torch.Tensor, cfg: bool):
+        """The run's dense cost table, priced on its latent size and text before it starts."""
+        spec = self.adapter.spec
+        grid = spec.latent_grid(None, 1, noise.shape[-2], noise.shape[-1])
+        text = spec.text_tokens if self.text_tokens is None else self.text_tokens
+        layout = TokenLayout(grid, text if spec.text_position != "none" else 0, spec.text_position)
+        return dense_table(self.cost_model, schedule([(layout, self.steps)], 1, cfg))
+
+    def _accelerate(self, speedup: float, fixed: dict, noise: torch.Tensor, cfg: bool) -> tuple[dict, str]:
+        """The planner's choice for this run (`fastdiff.planner.search` over its measured options): the most
+        expected fidelity whose FLOPs are at most dense / `speedup`, composing the mechanisms the other nodes left
+        unset on top of those they set. ConfigError naming the reachable range when the target cannot be met."""
+        from .. import planner
+
+        dense = self._dense(noise, cfg)
+        free = tuple(m for m in PLANNED if m not in fixed)
+        if not free:
+            raise ConfigError(f"fastdiff Accelerate: every mechanism it plans ({list(PLANNED)}) is already set by "
+                              "another fastdiff node; drop those nodes or the Accelerate node")
+        options = planner.options_for(type(self.denoiser).__name__, free)
+
+        def price(sections: dict) -> float:
+            table = dense
+            for mechanism in registry.build(FastDiffConfig.from_dict({**fixed, **sections})):
+                mechanism.validate(self.adapter)
+                table = mechanism.estimate_cost(table)
+            return table.flops
+
+        best, notes = planner.search(options, price, dense.flops, dense.flops / speedup)
+        chosen = best.sections()
+        predicted = dense.flops / price(chosen)
+        what = " + ".join(o.label for o in best.options) or "nothing"
+        return chosen, f"target {speedup:.2f}x: {what} (predicted {predicted:.2f}x FLOPs over {self.steps} steps)"
+
     # -- reporting --------------------------------------------------------------------------------------
     def check(self, noise: torch.Tensor, cfg: bool) -> list[str]:
         """Warnings for the sections that cannot save anything in this run (e.g. caching over 4 steps), priced on
         the run's latent size before it starts."""
-        spec = self.adapter.spec
-        grid = spec.latent_grid(None, 1, noise.shape[-2], noise.shape[-1])
-        layout = TokenLayout(grid, spec.text_tokens if spec.text_position != "none" else 0, spec.text_position)
-        dense = dense_table(self.cost_model, schedule([(layout, self.steps)], 1, cfg))
+        dense = self._dense(noise, cfg)
         notes = []
         for mechanism in self.mechanisms:
             if mechanism.name == "telemetry":
@@ -336,7 +392,10 @@ class ComfyRun:
         self.run_state.reset()
         for mechanism in self.mechanisms:
             mechanism.detach()
-        return summary, report(summary)
+        text = report(summary)
+        if self.planned:
+            text += f"\n  accelerate: {self.planned}"
+        return summary, text
 
 
 def _nothing(name: str, config: FastDiffConfig, steps: int, cfg: bool) -> str:

@@ -202,3 +202,34 @@ def test_cost_model_prices_comfy_models(host):
     assert levels["input_blocks.1.1.transformer_blocks.0.attn1"] == 0
     assert levels["input_blocks.2.0.op"] == 1 and levels["middle_block.1.transformer_blocks.0.attn1"] == 1
     assert levels["output_blocks.1.2.conv"] == 0 and levels["output_blocks.0.1.transformer_blocks.0.attn1"] == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_accelerate_plans_each_run_for_its_steps(host, family):
+    model = harness.build_model(family)
+    fast = host.patch(model, host.ACCELERATE, {"speedup": 2.0})
+    harness.sample(fast, steps=20)
+    plan = host.plan_of(fast)
+    summary = plan.last
+    assert summary.estimated_speedup >= 2.0
+    assert "accelerate: target 2.00x: cache: " in plan.report
+    assert f"predicted {summary.estimated_speedup:.2f}x FLOPs over 20 steps" in plan.report  # the plan is what ran
+    assert not model.wrappers
+
+
+def test_accelerate_keeps_what_other_nodes_set_and_refuses_the_unreachable(host):
+    from fastdiff.errors import ConfigError
+
+    model = harness.build_model("sd15")
+    base = harness.sample(model, steps=20)
+    skip = host.patch(model, "guidance", {"start": 0.5})
+    both = host.patch(skip, host.ACCELERATE, {"speedup": 2.5})
+    harness.sample(both, steps=20)
+    summary = host.plan_of(both).last
+    assert "guidance[" in summary.config and "cache[" in summary.config and summary.estimated_speedup >= 2.5
+    far = host.patch(model, host.ACCELERATE, {"speedup": 50.0})
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        harness.sample(far, steps=20)
+    with pytest.raises(ConfigError, match="target speedup"):
+        host.patch(model, host.ACCELERATE, {"speedup": 0.5})
+    assert torch.equal(harness.sample(model, steps=20), base)

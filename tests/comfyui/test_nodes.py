@@ -9,7 +9,7 @@ from tests.comfyui import harness
 pytestmark = pytest.mark.usefixtures("comfy")
 
 STEPS = 8
-IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffReport")
+IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffAccelerate", "FastDiffReport")
 
 
 def _node(comfy, node_pack, node_id):
@@ -98,3 +98,13 @@ def test_beside_comfy_easycache_at_equal_settings(comfy, node_pack):
         assert torch.isfinite(out).all() and not torch.equal(out, base)
         assert (out - base).abs().mean() < base.abs().mean()
     assert torch.equal(harness.sample(model, steps=steps), base)
+
+
+def test_accelerate_node(comfy, node_pack):
+    from fastdiff.integrations import comfyui as host
+
+    model = harness.build_model("sd15")
+    fast = _node(comfy, node_pack, "FastDiffAccelerate").execute(model=model, speedup=2.0).result[0]
+    latent = harness.sample(fast, steps=20)
+    text = _node(comfy, node_pack, "FastDiffReport").execute(model=fast, latent=latent).result[0]
+    assert "accelerate: target 2.00x" in text and host.plan_of(fast).last.estimated_speedup >= 2.0
