@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,17 +18,18 @@ from . import adapters
 from .adapters.base import CfgLayout, register_pipeline
 from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
-from .cost.estimate import Estimate, check_run, check_stages, dense_table, schedule, token_patch
-from .cost.model import CostModel
+from .cost.estimate import Estimate, Pricer, check_run, check_stages
+from .cost.latency import calibrate as calibrate_latency
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
-from .integrations.diffusers import find_denoisers, find_parts, latent_dims
+from .integrations.diffusers import find_denoisers, find_parts
 from .mechanisms import registry as _mechanisms
 from .planner import Plan, calibrate, plan
 from .session import ATTR, Session
 
 __version__ = "0.1.0"
 __all__ = [
-    "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "presets", "load_config", "supported",
+    "apply", "remove", "reset", "accelerated", "estimate", "plan", "calibrate", "calibrate_latency", "presets",
+    "load_config", "supported",
     "session_of", "register_pipeline",
     "FastDiffConfig", "TelemetryConfig", "MergeConfig", "SparseConfig", "CacheConfig", "GuidanceConfig", "Session",
     "StepContext", "TokenLayout", "CfgLayout",
@@ -70,11 +72,26 @@ def supported() -> dict[str, list[str]]:
     return adapters.supported()
 
 
-def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = None, **overrides) -> Session:
+def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = None, speedup: float | None = None,
+          latency: float | None = None, **overrides) -> Session:
     """Accelerate a diffusers pipeline (or its transformer/unet) in place; returns the Session handle.
 
     Everything is validated before the model is touched: on any error the model is exactly as before.
+
+    `speedup=3.0` (over the bare model) or `latency=seconds` (the run's denoiser calls) plans the config first
+    (`fastdiff.plan(pipe, speedup=..., height=..., width=..., steps=...)`): give the call's size as keyword
+    arguments (height, width, steps; batch, cfg, num_frames, text_tokens). A merge or sparse section predicted not
+    to pay at the denoiser's default size is applied with a warning naming the predicted times.
     """
+    planned = speedup is not None or latency is not None
+    if planned:
+        from .planner import SHAPE_KEYS
+
+        shape = {k: overrides.pop(k) for k in list(overrides) if k in SHAPE_KEYS}
+        if overrides or preset is not None:
+            raise ConfigError(f"apply(speedup=/latency=) plans the config: drop preset and the override(s) "
+                              f"{sorted(overrides)}; the keyword arguments are the call's size {list(SHAPE_KEYS)}")
+        config = plan(pipe_or_denoiser, config, speedup=speedup, latency=latency, **shape).config
     cfg = load_config(config, preset=preset, **overrides)
     pipeline, denoiser, scheduler = find_parts(pipe_or_denoiser)
     denoisers = [("denoiser", denoiser)] if pipeline is None else find_denoisers(pipeline)
@@ -112,6 +129,11 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
                 "pipelines with one denoiser and no control network")
         for driver in drivers:
             driver.check_pipeline(pipeline, scheduler, type(denoiser).__name__)
+    from .planner import unpaid
+
+    # a planned config only holds what pays at the call's own size; others are priced at the default size
+    for message in [] if planned else unpaid(parts[0][1], cfg.for_family(parts[0][2].name)):
+        warnings.warn(message, stacklevel=2)
     session = Session(parts, cfg.for_family(parts[0][2].name), pipeline=pipeline, scheduler=scheduler)
     session.attach()
     return session
@@ -155,8 +177,12 @@ def accelerated(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None
 def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = None, width: int | None = None,
              steps: int | None = None, num_frames: int | None = None, batch: int = 1, cfg: bool = True,
              text_tokens: int | None = None, stages: list[dict] | None = None, preset: str | None = None,
-             **overrides) -> Estimate:
-    """Predicted FLOPs of one sampling run with `config` against the dense baseline. Runs no model.
+             calibration: Any = None, **overrides) -> Estimate:
+    """Predicted FLOPs and wall time of one sampling run with `config` against the dense baseline. Runs no model.
+
+    Time (`Estimate.seconds`, `.time_speedup`) is priced by the latency calibration of this device and model
+    (`fastdiff.calibrate_latency`; `calibration` = a Calibration or its JSON path), else the shipped default, which
+    `Estimate.latency` names.
 
     `height`/`width` (and `num_frames`) are the output size a pipeline call would be given; they are turned into
     latents by the pipeline's own VAE scale (1 for a pipeline without a VAE, e.g. the pixel-space reference models).
@@ -173,38 +199,5 @@ def estimate(pipe_or_denoiser: Any, config: Any = None, *, height: int | None = 
     for stage in stages:
         check_run(**stage, batch=batch, cfg=cfg, text_tokens=text_tokens)
     config = load_config(config, preset=preset, **overrides)
-    pipeline, denoiser, _ = find_parts(pipe_or_denoiser)
-    adapter = adapters.resolve(denoiser)
-    config = config.for_family(adapter.name)
-    model = CostModel(adapter)
-    spec = adapter.spec
-    patch = token_patch(spec.latent_grid, denoiser.config)
-    n_text = spec.text_tokens if text_tokens is None else text_tokens
-
-    def layouts_of(stages):
-        out = []
-        for st in stages:
-            grid = spec.latent_grid(denoiser.config, *latent_dims(pipeline, st["height"], st["width"], st["num_frames"],
-                                                                  patch))
-            out.append((TokenLayout(grid, n_text if spec.text_position != "none" else 0, spec.text_position),
-                        st["steps"]))
-        return out
-
-    layouts = layouts_of(stages)
-    dense = dense_table(model, schedule(layouts, batch, cfg))
-    table = dense
-    if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
-        from .mechanisms.bottleneck.mechanism import Bottleneck, stage_sizes
-
-        Bottleneck.check_pipeline(pipeline, getattr(pipeline, "scheduler", None),
-                                  type(denoiser).__name__)  # what apply refuses, estimate refuses too
-        if len(stages) != 1:
-            raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
-                              "(the section makes the stages)")
-        layouts = layouts_of(stage_sizes(config.bottleneck, **stages[0]))
-        table = dense_table(model, schedule(layouts, batch, cfg))
-    for mechanism in _mechanisms.build(config):
-        mechanism.validate(adapter)  # what apply() would refuse, estimate refuses too
-        table = mechanism.estimate_cost(table)
-    return Estimate(table.flops, dense.flops, layouts[-1][0], sum(n for _, n in layouts), 2 if cfg else 1, batch,
-                    tuple(layouts))
+    return Pricer(pipe_or_denoiser, batch=batch, cfg=cfg, text_tokens=text_tokens,
+                  calibration=calibration).estimate(config, stages)

@@ -1,21 +1,34 @@
-"""From "I want 2x" to a config: the planner picks the knob value that reaches a target speedup.
+"""From "I want 3x" (or "under 2 s") to a config.
 
-Schedules fixed in advance (static interval, Δ-DiT, CFG skipping from a step) are planned from the cost
-model alone (`fastdiff.estimate`, no model run). Dynamic policies (residual, EasyCache) skip as much as the
-model lets them, so their threshold is tuned on the user's own call: a few sampling runs, bisecting the
-threshold until the run's accounted FLOPs speedup (`summary().estimated_speedup`) reaches the target.
+`plan(pipe, speedup=3.0, height=..., width=..., steps=...)` searches the whole space: every measured setting of
+caching, CFG skipping, token merging, sparse attention and resolution-bottleneck sampling, composed one per
+mechanism, for the most expected fidelity whose *predicted wall time* (`fastdiff.estimate`'s latency model) meets
+the target. Expected fidelity comes from `fastdiff/configs/fidelity.json` (PSNR against dense and class accuracy,
+measured on the trained references; `python -m fastdiff.eval.build_fidelity` rebuilds it): the points of the
+reference with the same denoiser class, else the median over all references. Errors of composed mechanisms are
+taken to add as independent noise (their mean squared errors sum). Nothing runs the model: the plan comes from
+the cost model and the table alone, and a target that cannot be reached is refused naming the reachable range.
+
+`plan(pipe, config, target=2.0)` tunes one caching knob of a given config against FLOPs: schedules fixed in
+advance (static interval, Δ-DiT) from the cost model alone; dynamic policies (residual, EasyCache) by bisecting
+their threshold on the user's own call until the run's accounted FLOPs speedup reaches the target.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import numbers
+import statistics
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from typing import Any, Callable
 
-from .config import FastDiffConfig
+from .config import SECTIONS, FastDiffConfig
 from .cost.estimate import check_int, check_run
-from .errors import ConfigError
+from .errors import ConfigError, FastDiffError
 from .mechanisms.caching.policies import POLICIES
 
 SHAPE_KEYS = ("height", "width", "steps", "num_frames", "batch", "cfg", "text_tokens")  # fastdiff.estimate's
@@ -32,21 +45,47 @@ class Plan:
     value: float
     runs: int  # sampling runs spent tuning (0 when planned from the cost model alone)
     trace: list[tuple[float, float]]  # (knob value, speedup) tried
+    # whole-space plans (speedup= / latency=): predicted wall time, expected fidelity, what was chosen and why not
+    seconds: float | None = None  # predicted seconds of the call's denoiser calls with `config`
+    dense_seconds: float | None = None  # and of the bare model
+    psnr: float | None = None  # expected dB against dense (inf: exact)
+    accuracy: float | None = None  # expected class accuracy (product of the options' measured ones)
+    choices: tuple[str, ...] = ()  # the options composed, "mechanism: setting"
+    latency: str = ""  # the latency calibration that priced it
+    notes: tuple[str, ...] = ()  # options left out and why (does not pay at this size, unsupported)
 
 
-def plan(pipe: Any, config: Any, *, target: float, call: Callable[[], Any] | None = None, tolerance: float = 0.05,
-         max_runs: int = 10, **shape) -> Plan:
-    """A config reaching `target` FLOPs speedup (the closest not above it when it cannot be reached exactly).
+def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency: float | None = None,
+         target: float | None = None, call: Callable[[], Any] | None = None, tolerance: float = 0.05,
+         max_runs: int = 10, mechanisms: tuple[str, ...] | None = None, calibration: Any = None, **shape) -> Plan:
+    """A config for `pipe` at a target cost.
 
-    Args:
-        pipe: the diffusers pipeline (or denoiser) the config is for.
-        config: anything `fastdiff.load_config` takes; its cache policy decides which knob is planned:
-            static/delta -> cache.interval, residual/easycache -> cache.threshold (needs `call`).
-        target: wanted speedup over dense, e.g. 2.0.
-        call: `lambda: pipe(**kwargs)` — one representative sampling call, needed for dynamic policies.
-        shape: for static schedules, `fastdiff.estimate`'s size arguments (height, width, steps, ...).
+    Whole space (`speedup=` or `latency=`): the composition of measured settings with the most expected fidelity
+    whose predicted wall time is at most the dense time / `speedup` (or `latency` seconds for the run's denoiser
+    calls), within `tolerance`. Needs the call's size: `height`, `width`, `steps` (and `batch`, `cfg`,
+    `num_frames`, `text_tokens` as `fastdiff.estimate` takes them). `config` may only hold non-mechanism sections
+    (telemetry, families); `mechanisms` limits the search (e.g. ("cache", "guidance")); `calibration` as in
+    `fastdiff.estimate`. Runs no model; raises ConfigError naming the reachable speedups when the target cannot be
+    met. The result's `config` is a FastDiffConfig (`to_yaml()`, `strify()`) to reuse without planning again.
+
+    One caching knob (`target=`, FLOPs): the config's cache policy decides which knob is planned: static/delta ->
+    cache.interval from the cost model (give the size); residual/easycache -> cache.threshold, tuned on `call`
+    (`lambda: pipe(**kwargs)`, one representative sampling call) to the closest FLOPs speedup not above `target`.
     """
     import fastdiff
+
+    if speedup is not None or latency is not None:
+        if target is not None or call is not None:
+            raise ConfigError("plan(speedup=/latency=) plans from the cost model and the measured fidelity table: "
+                              "drop target= and call= (they tune one caching knob)")
+        return plan_space(pipe, config, speedup=speedup, latency=latency, tolerance=tolerance,
+                          mechanisms=mechanisms, calibration=calibration, **shape)
+    if target is None:
+        raise ConfigError("plan() needs speedup= or latency= (the whole space, by predicted time) or target= "
+                          "(one caching knob of `config`, by FLOPs)")
+    if mechanisms is not None or calibration is not None:
+        raise ConfigError("plan(target=) tunes the given config's cache knob: mechanisms= and calibration= belong "
+                          "to plan(speedup=/latency=)")
 
     _check_real("target speedup", target, 1.0, 100.0)
     _check_real("tolerance", tolerance, 0.0, 0.5)
@@ -146,3 +185,237 @@ def calibrate(pipe: Any, call: Callable[[], Any], *, head: int = 1, degree: int 
                           "use more steps")
     x, y = np.array(pairs).T
     return [float(c) for c in np.polyfit(x, y, degree)]
+
+
+# -- the whole space ---------------------------------------------------------------------------------------------
+
+FIDELITY = "fidelity.json"
+SPACE = ("bottleneck", "cache", "guidance", "merge", "sparse")  # mechanisms the planner composes
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of one mechanism and its expected fidelity (`section` None: the mechanism off)."""
+
+    mechanism: str
+    name: str
+    section: dict | None
+    psnr: float = math.inf  # dB against dense
+    accuracy: float | None = 1.0
+    basis: str = ""  # which measured points it rests on
+
+    @property
+    def label(self) -> str:
+        return f"{self.mechanism}: {self.name}"
+
+
+def compose_psnr(psnrs) -> float:
+    """PSNR of composed mechanisms whose errors add as independent noise: their mean squared errors sum."""
+    mse = sum(10 ** (-p / 10) for p in psnrs if math.isfinite(p))
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    options: tuple[Option, ...]  # the mechanisms on, one option each
+    seconds: float
+
+    @property
+    def psnr(self) -> float:
+        return compose_psnr(o.psnr for o in self.options)
+
+    @property
+    def accuracy(self) -> float | None:
+        known = [o.accuracy for o in self.options if o.accuracy is not None]
+        return math.prod(known) if known else None
+
+    def sections(self) -> dict:
+        return {o.mechanism: dict(o.section) for o in self.options}
+
+
+def search(options: dict[str, list[Option]], price: Callable[[dict], float], dense_seconds: float,
+           budget: float, tolerance: float = 0.0, base_seconds: float | None = None) -> tuple[Candidate, list[str]]:
+    """The composition (at most one option per mechanism) with the highest expected PSNR whose `price(sections)`
+    is at most `budget` (x (1 + tolerance)); among equals, the fastest. Options that do not pay alone (priced at
+    least `base_seconds`, the run with none of them, default `price({})`) or that `price` refuses (ConfigError /
+    FastDiffError) are never picked; the returned notes say which and why. ConfigError naming the reachable
+    speedup range when nothing meets the budget."""
+    notes: list[str] = []
+    base = price({}) if base_seconds is None else base_seconds
+    kept: dict[str, list[tuple[Option, float]]] = {}
+    for mechanism, opts in options.items():
+        priced = []
+        for opt in opts:
+            try:
+                t = price({mechanism: opt.section})
+            except (ConfigError, FastDiffError) as err:
+                notes.append(f"{opt.label}: not applicable ({str(err).splitlines()[0][:160]})")
+                continue
+            if t >= base:
+                notes.append(f"{opt.label}: does not pay at this size (predicted {t:.4g} s, {base:.4g} s without)")
+                continue
+            priced.append((opt, t))
+        # alone, an option slower and no better than another of its mechanism is never worth composing
+        kept[mechanism] = [(o, t) for o, t in priced
+                           if not any((t2 <= t and o2.psnr > o.psnr) or (t2 < t and o2.psnr >= o.psnr)
+                                      for o2, t2 in priced)]
+    lists = [[None] + [o for o, _ in kept[m]] for m in kept]
+    combos = [tuple(o for o in combo if o is not None) for combo in itertools.product(*lists)]
+    alone = {o.label: t for m in kept for o, t in kept[m]}
+    combos.sort(key=lambda c: (-compose_psnr(o.psnr for o in c), sum(alone[o.label] - base for o in c)))
+    limit = budget * (1 + tolerance)
+    fastest: Candidate | None = None
+    best: Candidate | None = None
+    for combo in combos:
+        if best is not None and compose_psnr(o.psnr for o in combo) < best.psnr:
+            break  # sorted by fidelity: nothing later is better
+        try:
+            t = base if not combo else price({o.mechanism: o.section for o in combo})
+        except (ConfigError, FastDiffError) as err:
+            notes.append(f"{' + '.join(o.label for o in combo)}: not composable ({str(err).splitlines()[0][:160]})")
+            continue
+        cand = Candidate(combo, t)
+        if fastest is None or t < fastest.seconds:
+            fastest = cand
+        if t <= limit and (best is None or t < best.seconds):
+            best = cand
+    if best is None:
+        top = dense_seconds / fastest.seconds if fastest else 1.0
+        raise ConfigError(
+            f"the target ({dense_seconds / budget:.2f}x, {budget:.4g} s) cannot be reached on this call: predicted "
+            f"reachable range 1.00x-{top:.2f}x ({dense_seconds:.4g} s dense, fastest {fastest.seconds:.4g} s with "
+            f"{', '.join(o.label for o in fastest.options) or 'nothing'})" if fastest else "nothing could be priced")
+    return best, notes
+
+
+@lru_cache(maxsize=1)
+def fidelity_table() -> tuple[dict, ...]:
+    """The shipped options and their measured points (`fastdiff/configs/fidelity.json`)."""
+    text = (resources.files("fastdiff.configs") / FIDELITY).read_text()
+    return tuple(json.loads(text)["options"])
+
+
+def options_for(denoiser_class: str, mechanisms=SPACE, table=None) -> dict[str, list[Option]]:
+    """Every shipped option of `mechanisms` with its expected PSNR and accuracy for a denoiser of this class: the
+    median of the points measured on a reference of that class, else the median over every reference."""
+    out: dict[str, list[Option]] = {m: [] for m in mechanisms}
+    for entry in table if table is not None else fidelity_table():
+        if entry["mechanism"] not in out:
+            continue
+        points = [p for p in entry["points"] if p["denoiser"] == denoiser_class] or entry["points"]
+        psnrs = [p["psnr"] for p in points if p["psnr"] is not None]
+        accs = [p["accuracy"] for p in points if p["accuracy"] is not None]
+        basis = ", ".join(sorted({p["reference"] for p in points}))
+        out[entry["mechanism"]].append(Option(entry["mechanism"], entry["name"], entry["section"],
+                                              statistics.median(psnrs) if psnrs else math.inf,
+                                              statistics.median(accs) if accs else None, basis))
+    return out
+
+
+def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, latency: float | None = None,
+               tolerance: float = 0.05, mechanisms: tuple[str, ...] | None = None, calibration: Any = None,
+               **shape) -> Plan:
+    """`plan(pipe, speedup=...)` / `plan(pipe, latency=...)`; see `plan`."""
+    import fastdiff
+
+    from .cost.estimate import Pricer
+
+    if (speedup is None) == (latency is None):
+        raise ConfigError("give either speedup= (over the bare model) or latency= (seconds), not both")
+    if speedup is not None:
+        _check_real("speedup", speedup, 1.0, 100.0)
+    else:
+        _check_real("latency", latency, 1e-9, 1e9)
+    _check_real("tolerance", tolerance, 0.0, 0.5)
+    unknown = sorted(set(shape) - set(SHAPE_KEYS))
+    if unknown:
+        raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
+    missing = [k for k in ("height", "width", "steps") if k not in shape]
+    if missing:
+        raise ConfigError(f"plan(speedup=/latency=) prices the call: it needs the call's size, missing {missing} "
+                          "(fastdiff.estimate's arguments)")
+    run = {"num_frames": None, "batch": 1, "cfg": True, "text_tokens": None, **shape}
+    check_run(**run)
+    if mechanisms is None:
+        mechanisms = SPACE
+    if isinstance(mechanisms, str) or not set(mechanisms) <= set(SPACE) or not mechanisms:
+        raise ConfigError(f"mechanisms must be a non-empty list of {list(SPACE)}, got {mechanisms!r:.80}")
+    base = fastdiff.load_config(config)
+    fixed = [name for name in SECTIONS if name != "telemetry" and getattr(base, name) is not None]
+    if fixed:
+        raise ConfigError(f"plan(speedup=/latency=) chooses the mechanisms itself: the config may hold only "
+                          f"telemetry and families, got section(s) {fixed}")
+    pricer = Pricer(pipe, batch=run["batch"], cfg=run["cfg"], text_tokens=run["text_tokens"], calibration=calibration)
+    stages = [{k: run[k] for k in ("height", "width", "steps", "num_frames")}]
+    options = options_for(type(pricer.denoiser).__name__, tuple(m for m in SPACE if m in mechanisms))
+    notes = []
+    if "guidance" in options and not _guidance_applies(pricer, run["cfg"]):
+        notes += [f"{o.label}: not applicable (no CFG on this call, or its pipeline's CFG layout is unknown)"
+                  for o in options.pop("guidance")]
+    if "bottleneck" in options and pricer.adapter.spec.resample is None:
+        notes += [f"{o.label}: not applicable ('{pricer.adapter.name}' latents cannot be resized)"
+                  for o in options.pop("bottleneck")]
+
+    def price(sections: dict) -> float:
+        return pricer.estimate(base.merged(sections), stages).seconds
+
+    empty = pricer.estimate(base, stages)
+    dense = empty.dense_seconds
+    budget = dense / speedup if speedup is not None else latency
+    best, why = search(options, price, dense, budget, tolerance, empty.seconds)
+    cfg = base.merged(best.sections())
+    est = pricer.estimate(cfg, stages)
+    return Plan(cfg, dense / budget, dense / est.seconds, "space", best.psnr, 0, [], est.seconds, dense, best.psnr,
+                best.accuracy, tuple(o.label for o in best.options), pricer.calibration.source, tuple(notes + why))
+
+
+def _guidance_applies(pricer, cfg: bool) -> bool:
+    """CFG skipping needs CFG and the branch of each row: from the pipeline's CFG layout or the inputs (as apply)."""
+    spec = pricer.adapter.spec
+    if not cfg:
+        return False
+    if pricer.pipeline is None:
+        return spec.row_branches is not None
+    return spec.cfg_layout(pricer.pipeline) is not None or spec.row_branches is not None
+
+
+def unpaid(pipe_or_denoiser: Any, config: FastDiffConfig, steps: int = 20) -> list[str]:
+    """What `apply` warns of: the merge and sparse sections of `config` predicted to make a run at the denoiser's
+    default sample size (its config's `sample_size`) no faster than without them, each with the predicted times.
+    Empty when neither section is set or the denoiser declares no default size (nothing to price at)."""
+    from .context import TokenLayout
+    from .cost.estimate import Pricer, dense_table, schedule
+    from .integrations.diffusers import latent_dims
+    from .mechanisms import registry
+
+    sections = [(n, getattr(config, n)) for n in ("merge", "sparse") if getattr(config, n) is not None]
+    if not sections:
+        return []
+    from . import adapters
+    from .integrations.diffusers import find_parts
+
+    if adapters.resolve(find_parts(pipe_or_denoiser)[1]).spec.layout is None:
+        return []  # the auto fallback knows no token layout: the cost model cannot price it
+    pricer = Pricer(pipe_or_denoiser, batch=1, cfg=False)
+    size = getattr(getattr(pricer.denoiser, "config", None), "sample_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) and size else size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return []
+    spec = pricer.adapter.spec
+    try:
+        grid = spec.latent_grid(pricer.denoiser.config, *latent_dims(None, size, size, None, pricer.patch))
+    except ConfigError:
+        return []  # the declared size makes no token grid: there is no default call to price
+    layout = TokenLayout(grid, pricer.n_text if spec.text_position != "none" else 0, spec.text_position)
+    contexts = schedule([(layout, steps)], 1, False)
+    without = dense_table(pricer.hooked, contexts).flops
+    out = []
+    for name, section in sections:
+        mechanism = registry.MECHANISMS[name](section)
+        mechanism.validate(pricer.adapter)
+        with_it = mechanism.estimate_cost(dense_table(pricer.hooked, contexts)).flops
+        if with_it >= without:
+            out.append(f"{name} ({section.strify()}) is predicted not to pay on {type(pricer.denoiser).__name__} at "
+                       f"its default size ({math.prod(grid)} tokens): {with_it:.4g} s per {steps}-step run against "
+                       f"{without:.4g} s without it ({pricer.calibration.source} latency calibration)")
+    return out

@@ -94,7 +94,11 @@ class CostTable:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted cost of one sampling run (`layout`: its last stage's; `stages`: every stage's layout and steps)."""
+    """Predicted cost of one sampling run (`layout`: its last stage's; `stages`: every stage's layout and steps).
+
+    `seconds` / `dense_seconds`: predicted wall time of the run's denoiser calls with the config (under a session)
+    and of the bare model, from the latency calibration named by `latency` (`fastdiff.cost.latency`: this device and
+    model's cached one, or the shipped default, which says "default")."""
 
     flops: float
     dense_flops: float
@@ -103,10 +107,18 @@ class Estimate:
     calls_per_step: int
     batch: int
     stages: tuple[tuple[TokenLayout, int], ...] = ()
+    seconds: float | None = None
+    dense_seconds: float | None = None
+    latency: str = ""
 
     @property
     def speedup(self) -> float:
         return self.dense_flops / self.flops
+
+    @property
+    def time_speedup(self) -> float | None:
+        """Predicted wall-time speedup over the bare model (None when time was not priced)."""
+        return None if self.seconds is None else self.dense_seconds / self.seconds
 
 
 def schedule(stages: list[tuple[TokenLayout, int]], batch: int, cfg: bool) -> list[StepContext]:
@@ -158,3 +170,69 @@ def check_stages(stages: Any, *, height: Any, width: Any, steps: Any, num_frames
     if sum(s["steps"] if isinstance(s["steps"], int) else 0 for s in out) > MAX_STEPS:
         raise ConfigError(f"stages: at most {MAX_STEPS} steps in all")
     return out
+
+
+class Pricer:
+    """Prices sampling runs of one pipeline (or denoiser) at one batch and CFG setting: FLOPs and predicted time.
+
+    The cost model, the token layouts and the latency model's per-layout prices are built once and kept, so the
+    planner can price many configs; `fastdiff.estimate` is one `Pricer(...).estimate(config, stages)`.
+    """
+
+    def __init__(self, pipe_or_denoiser: Any, *, batch: int = 1, cfg: bool = True, text_tokens: int | None = None,
+                 calibration: Any = None):
+        from .. import adapters
+        from ..integrations.diffusers import find_parts
+        from . import latency
+
+        self.pipeline, self.denoiser, _ = find_parts(pipe_or_denoiser)
+        self.adapter = adapters.resolve(self.denoiser)
+        self.model = CostModel(self.adapter)
+        spec = self.adapter.spec
+        self.patch = token_patch(spec.latent_grid, self.denoiser.config)
+        self.n_text = spec.text_tokens if text_tokens is None else text_tokens
+        self.batch, self.cfg = batch, cfg
+        self.calibration = latency.resolve(calibration, self.denoiser)
+        coef = self.calibration.coefficients
+        self.bare = latency.LatencyModel(self.model, coef, batch=batch)
+        self.hooked = latency.LatencyModel(self.model, coef, batch=batch, hooked=True)
+
+    def layouts(self, stages: list[dict]) -> list[tuple[TokenLayout, int]]:
+        from ..integrations.diffusers import latent_dims
+
+        spec, out = self.adapter.spec, []
+        for st in stages:
+            grid = spec.latent_grid(self.denoiser.config, *latent_dims(self.pipeline, st["height"], st["width"],
+                                                                       st["num_frames"], self.patch))
+            out.append((TokenLayout(grid, self.n_text if spec.text_position != "none" else 0, spec.text_position),
+                        st["steps"]))
+        return out
+
+    def estimate(self, config, stages: list[dict]) -> Estimate:
+        """The run of `stages` (checked `check_stages` dicts) with `config` (a loaded FastDiffConfig)."""
+        from ..mechanisms import registry
+
+        config = config.for_family(self.adapter.name)
+        layouts = self.layouts(stages)
+        contexts = schedule(layouts, self.batch, self.cfg)
+        dense = dense_table(self.model, contexts)
+        dense_time = dense_table(self.bare, contexts)
+        table = dense
+        if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
+            from ..mechanisms.bottleneck.mechanism import Bottleneck, stage_sizes
+
+            Bottleneck.check_pipeline(self.pipeline, getattr(self.pipeline, "scheduler", None),
+                                      type(self.denoiser).__name__)  # what apply refuses, estimate refuses too
+            if len(stages) != 1:
+                raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
+                                  "(the section makes the stages)")
+            layouts = self.layouts(stage_sizes(config.bottleneck, **stages[0]))
+            contexts = schedule(layouts, self.batch, self.cfg)
+            table = dense_table(self.model, contexts)
+        timed = dense_table(self.hooked, contexts)
+        for mechanism in registry.build(config):
+            mechanism.validate(self.adapter)  # what apply() would refuse, estimate refuses too
+            table = mechanism.estimate_cost(table)
+            timed = mechanism.estimate_cost(timed)
+        return Estimate(table.flops, dense.flops, layouts[-1][0], sum(n for _, n in layouts), 2 if self.cfg else 1,
+                        self.batch, tuple(layouts), timed.flops, dense_time.flops, self.calibration.source)

@@ -1,6 +1,8 @@
 """The planner turns a target speedup into a config: from the cost model for fixed schedules, by tuning the
 threshold on the user's own call for adaptive policies."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,3 +58,117 @@ def test_calibrate_fits_the_signal_to_output_change_map():
         assert any("cache=reuse" in r.decisions for r in h.summary().per_step)
     with pytest.raises(fastdiff.ConfigError, match="too few"):
         fastdiff.calibrate(pipe, lambda: pipe(steps=2), degree=2)
+
+
+# -- the whole space: speedup= / latency= ---------------------------------------------------------------------------
+
+from fastdiff.cost import latency  # noqa: E402
+from fastdiff.planner import Option, compose_psnr, search  # noqa: E402
+
+COEF = latency.Coefficients(linear=1e-10, attention=2e-10, sparse=4e-10, sparse_pairs=1e-11, match=3e-10, merge=1e-8,
+                            op=1e-6, hook=2e-6, site=3e-6, call=5e-6)
+
+
+@pytest.fixture
+def pixart(tmp_path, monkeypatch):
+    """A tiny PixArt pipeline with a calibration of known coefficients in a private cache dir (the tests do not
+    depend on the shipped default or on this machine's timings)."""
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = tiny.build_pipeline("pixart")
+    latency.Calibration(COEF, latency.device_key(), latency.model_key(pipe.transformer), "measured for the test").save(
+        latency.cache_path(pipe.transformer))
+    return pipe
+
+
+def _table():
+    """Hand-built: dense 1 s, the session 0.9 s; each option saves a fixed time alone, savings add when composed."""
+    options = {
+        "cache": [Option("cache", "a", {"interval": 2}, psnr=40.0), Option("cache", "b", {"interval": 4}, psnr=30.0)],
+        "merge": [Option("merge", "m", {"ratio": 0.5}, psnr=35.0)],
+        "sparse": [Option("sparse", "slow", {"pattern": "window"}, psnr=60.0)],  # the best fidelity, but no faster
+    }
+    saves = {("cache", 2): 0.45, ("cache", 4): 0.6, ("merge", 0.5): 0.2, ("sparse", "window"): -0.05}
+
+    def price(sections):
+        return 0.9 - sum(saves[(m, next(iter(s.values())))] for m, s in sections.items())
+
+    return options, price
+
+
+def test_the_planner_returns_the_most_fidelity_that_meets_the_budget_on_a_hand_built_table():
+    options, price = _table()
+    best, notes = search(options, price, dense_seconds=1.0, budget=0.5)  # 2x
+    assert [o.label for o in best.options] == ["cache: a"] and best.seconds == pytest.approx(0.45)
+    # 3x: cache b alone (0.30 s, 30 dB) and cache a + merge (0.25 s, 33.8 dB) both fit; the composition keeps more
+    best, _ = search(options, price, dense_seconds=1.0, budget=1 / 3)
+    assert [o.label for o in best.options] == ["cache: a", "merge: m"]
+    assert best.psnr == pytest.approx(compose_psnr([40.0, 35.0])) and best.psnr > 30.0
+    # the option that does not pay is never picked, whatever its fidelity, and the notes say why
+    assert any("sparse: slow: does not pay" in n and "0.95 s" in n for n in notes)
+    assert compose_psnr([]) == float("inf") and compose_psnr([30.0, 30.0]) == pytest.approx(30 - 3.0103, abs=1e-3)
+
+
+def test_an_unreachable_target_is_refused_naming_the_reachable_range():
+    options, price = _table()
+    with pytest.raises(fastdiff.ConfigError, match=r"reachable range 1\.00x-10\.00x"):
+        search(options, price, dense_seconds=1.0, budget=0.01)  # fastest: cache b + merge, 0.1 s
+
+
+def test_planning_the_whole_space_prices_time_and_gives_a_reusable_config(pixart, tmp_path):
+    pipe = pixart
+    size = dict(height=32, width=32, steps=20)
+    p = fastdiff.plan(pipe, speedup=2.0, **size)
+    est = fastdiff.estimate(pipe, p.config, **size)
+    assert p.knob == "space" and p.runs == 0 and p.choices and p.latency == "measured for the test"
+    assert est.time_speedup == pytest.approx(p.speedup) and p.speedup >= 2.0 * 0.95
+    assert p.seconds == pytest.approx(est.seconds) and p.dense_seconds == pytest.approx(est.dense_seconds)
+    path = tmp_path / "plan.yaml"
+    p.config.to_yaml(path)
+    assert fastdiff.load_config(str(path)) == p.config and p.config.strify()
+    budget = fastdiff.plan(pipe, latency=est.dense_seconds / 3, **size)  # a time budget in seconds
+    assert budget.seconds <= est.dense_seconds / 3 * 1.05
+    only_cache = fastdiff.plan(pipe, speedup=1.5, mechanisms=("cache",), **size)
+    assert all(c.startswith("cache:") for c in only_cache.choices)
+
+
+def test_apply_with_a_speedup_applies_the_plan(pixart):
+    pipe = pixart
+    kw = lambda: tiny.pipeline_kwargs("pixart", steps=8)  # noqa: E731
+    size = dict(height=32, width=32, steps=8)
+    p = fastdiff.plan(pipe, speedup=2.0, **size)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # applied by hand, the plan is priced at the default size (a warning)
+            with fastdiff.accelerated(pipe, p.config):
+                planned = tiny.output_tensor(pipe(**kw()))
+        fastdiff.apply(pipe, speedup=2.0, **size)
+        try:
+            got = tiny.output_tensor(pipe(**kw()))
+        finally:
+            fastdiff.remove(pipe)
+    assert torch.equal(planned, got)
+
+
+def test_a_refused_plan_never_touches_the_model(pixart):
+    pipe = pixart
+    kw = lambda: tiny.pipeline_kwargs("pixart", steps=4)  # noqa: E731
+    with torch.no_grad():
+        before = tiny.output_tensor(pipe(**kw()))
+    with pytest.raises(fastdiff.ConfigError, match="reachable range"):
+        fastdiff.apply(pipe, speedup=100.0, height=32, width=32, steps=4)
+    with pytest.raises(fastdiff.ConfigError, match="missing"):
+        fastdiff.plan(pipe, speedup=2.0, height=32)
+    with pytest.raises(fastdiff.ConfigError, match="only hold|may hold only"):
+        fastdiff.plan(pipe, {"cache": {}}, speedup=2.0, height=32, width=32, steps=4)
+    with pytest.raises(fastdiff.ConfigError, match="either speedup"):
+        fastdiff.plan(pipe, speedup=2.0, latency=1.0, height=32, width=32, steps=4)
+    assert fastdiff.session_of(pipe) is None
+    with torch.no_grad():
+        assert torch.equal(before, tiny.output_tensor(pipe(**kw())))
+
+
+def test_apply_warns_when_a_mechanism_is_predicted_not_to_pay(pixart):
+    pipe = pixart  # 16 tokens: a 3x3-tile window covers them all, no attention is skipped
+    with pytest.warns(UserWarning, match=r"sparse .* predicted not to pay .* s per 20-step run against .* s without"):
+        fastdiff.apply(pipe, preset="sparse-window")
+    fastdiff.remove(pipe)
