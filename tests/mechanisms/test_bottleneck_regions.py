@@ -134,6 +134,19 @@ def test_caching_runs_inside_the_mixed_stage_and_the_estimate_agrees(flux):
                           steps=6, text_tokens=8)
 
 
+def test_guidance_skipping_runs_inside_the_mixed_stage_one_image_per_call(flux):
+    pipe, _ = flux
+    cfg = {**_regions(0.3), "guidance": {"mode": "step", "start": 0.3}}
+    out, s = _run(pipe, cfg)
+    assert torch.isfinite(out).all()
+    # the mixed set is its own grid: its first step measures the branches' difference, the next skips
+    assert [any("guidance=skip-uncond" in d for d in r.decisions) for r in s.per_step if r.stage == 1] == [False, True]
+    # two images with their own regions are two calls a branch: guidance skipping cannot pair them
+    with fastdiff.accelerated(pipe, cfg):
+        with pytest.raises(ConfigError, match="guidance skipping cannot pair"):
+            pipe(**_call(batch=2))
+
+
 def test_refusals_before_anything_is_touched(flux):
     pipe, base = flux
     before = module_snapshot(pipe.transformer, pipe.scheduler)

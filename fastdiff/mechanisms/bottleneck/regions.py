@@ -172,7 +172,7 @@ def price(table, region: int, fraction: float):
         if ctx.stage != region:
             rows.append(row)
             continue
-        f, h, w2 = ctx.layout.grid
+        _, h, w2 = ctx.layout.grid
         layout = dataclasses.replace(ctx.layout, grid=(1, 1, h * (w2 // 2) + (SCALE * SCALE - 1) * fine_count(
             fraction, h * (w2 // 2))))
         if ctx.layout not in priced:
@@ -285,9 +285,12 @@ class RegionDriver(Driver):
             pos = positions(sub[0])
             given = self.positions(bound, pos)
             for name, ids in given.items():
-                if not torch.equal(ids[..., -2:].double().cpu(), pos):
+                if not torch.equal((ids[0] if ids.ndim == 3 else ids)[:, -2:].double().cpu(), pos):
                     raise FastDiffError(f"bottleneck regions: the half-step positions do not fit {name}'s {ids.dtype}")
-            call = {key: v if key in given else _cut(v, index, batch) for key, v in bound.items()}
+            if len(groups) == 1:
+                call = dict(bound)
+            else:  # these rows' own call
+                call = {key: v if key in given else _cut(v, index, batch) for key, v in bound.items()}
             call.update(given)
             call[self.hidden_arg] = tokens(grid[index], sub, p)
             out = inner(**call)
