@@ -201,15 +201,18 @@ GUIDANCE_MODES = ("step", "converged")
 class BottleneckConfig:
     """Resolution-bottleneck sampling: run the stages of each pipeline call at their own latent sizes.
 
-    Each stage denoises from its starting noise level (`strength`) to a clean estimate on its own shifted sigma
-    schedule; between stages the estimate is resized (`resize`) and re-noised with fresh noise. Flow-matching
-    samplers only (FLUX, SD3, HunyuanVideo pipelines).
+    Each stage denoises from its starting noise level (`strength`) to a clean estimate on its own schedule; between
+    stages the estimate is resized (`resize`) and re-noised with fresh noise through the sampler's own noise rule.
+    Samplers: FlowMatchEuler (FLUX, SD3, HunyuanVideo: each stage its own shifted sigma schedule) and the stateful
+    DDIM, DPM-Solver, Euler and UniPC (SD/SDXL UNets, DiT, PixArt, Wan: each stage the scheduler's own schedule,
+    entered part-way as img2img does, its solver state restarted).
 
     Args:
         stages: the stages in order, each a mapping with `scale` (latent downscale factor, 1 = full size; the
             last stage must be 1), `steps` (a fraction of the call's steps, or an int count), `strength` (the
-            stage's starting noise level in (0, 1]; 1 for a first stage) and optionally `shift` (a fixed flow
-            shift for the stage; default: the scheduler's own rule at the stage's token count).
+            stage's starting noise level in (0, 1]; 1 for a first stage; with a stateful sampler img2img's
+            strength: the fraction of the stage's schedule it runs) and optionally `shift` (a fixed flow shift for
+            the stage, FlowMatchEuler only; default: the scheduler's own rule at the stage's token count).
             One stage may be a *region stage* (region-adaptive upsampling, RALU-style; FLUX-family pipelines only):
             `regions: r`, a fraction in [0, 1], on a stage at scale 2 that follows another stage and precedes a
             scale-1 stage. At its start the top r of its half-resolution tokens by the edges of the previous
@@ -218,7 +221,7 @@ class BottleneckConfig:
             merging and sparse attention (which need a rectangular token grid) do not.
         resize: how the clean estimate moves between stages: "bicubic", "bilinear", "area" or "lanczos".
         strength_is: "time" (the strength is shifted like any timestep: Bottleneck Sampling's rule) or
-            "sigma" (the stage starts at exactly that noise level).
+            "sigma" (the stage starts at exactly that noise level; FlowMatchEuler only).
     """
 
     stages: list = field(default_factory=lambda: [{"scale": 2, "steps": 0.6, "strength": 1.0},

@@ -1,12 +1,15 @@
-"""Stage schedules of resolution-bottleneck sampling, as data and pure arithmetic over a flow-matching scheduler.
+"""Stage schedules of resolution-bottleneck sampling, as data and pure arithmetic over the pipeline's scheduler.
 
 A run of N steps is cut into stages; each stage denoises at its own latent scale (1 = full size, 2 = half the
-side), from its own starting noise level (`strength`) down to a clean estimate, on its own shifted sigma schedule
-(the shift a flow-matching scheduler gives that stage's token count, or a fixed `shift`). The scheduler's own
-`set_timesteps` makes each stage's sigmas, so its shift type, terminal handling and timestep scale are its own.
+side), from its own starting noise level (`strength`) down to a clean estimate. The scheduler's own `set_timesteps`
+makes each stage's schedule, so its spacing, shift type, terminal handling and timestep scale are its own.
 
-Strength: whether w is the stage's first sigma (`strength_is="sigma"`) or the unshifted time the shift is then
-applied to (`"time"`, as Bottleneck Sampling's code does it) is an option: the two differ by the stage's shift.
+FlowMatchEuler (stateless): each stage on its own shifted sigma schedule (the shift the scheduler gives that
+stage's token count, or a fixed `shift`), all of them one flat schedule. Whether the strength w is the stage's first
+sigma (`strength_is="sigma"`) or the unshifted time the shift is then applied to (`"time"`, as Bottleneck
+Sampling's code does it) is an option: the two differ by the stage's shift.
+
+DDIM, DPM-Solver, Euler, UniPC (stateful): below.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class Stage:
     Args:
         scale: latent downscale factor of the stage (1: full size; 2: half the height and width).
         steps: a fraction of the run's steps (a float in (0, 1]) or a count (an int >= 1).
-        strength: the noise level the stage starts from, in (0, 1]; 1 (pure noise) is only for a first stage.
-        shift: a fixed flow shift for this stage; None: the scheduler's own rule at this stage's token count.
+        strength: the noise level the stage starts from, in (0, 1]; 1 (pure noise) is only for a first stage. With
+            a stateful sampler, img2img's strength: the stage runs the last `strength` of its own schedule.
+        shift: a fixed flow shift for this stage (FlowMatchEuler); None: the scheduler's own rule at this stage's
+            token count.
     """
 
     scale: int = 1
