@@ -18,12 +18,11 @@ from . import adapters
 from .adapters.base import CfgLayout, register_pipeline
 from .config import CacheConfig, FastDiffConfig, GuidanceConfig, MergeConfig, SparseConfig, TelemetryConfig
 from .context import StepContext, TokenLayout
-from .cost.estimate import Estimate, Pricer, check_run, check_stages
-from .cost.latency import calibrate as calibrate_latency
+from .cost.estimate import Estimate, check_run, check_stages
 from .errors import ConfigError, FastDiffError, UnsupportedModelError
 from .integrations.diffusers import find_denoisers, find_parts
 from .mechanisms import registry as _mechanisms
-from .planner import Plan, calibrate, plan
+from .planner import Plan, Pricer, calibrate, calibrate_latency, plan
 from .session import ATTR, Session
 
 __version__ = "0.1.0"

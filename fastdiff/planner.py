@@ -16,18 +16,28 @@ their threshold on the user's own call until the run's accounted FLOPs speedup r
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import numbers
 import statistics
+import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .config import SECTIONS, FastDiffConfig
-from .cost.estimate import check_int, check_run
+from .context import TokenLayout
+from .cost import latency
+from .cost.estimate import Estimate, check_int, check_run, dense_table, schedule, token_patch
+from .cost.latency import Calibration, Coefficients, LatencyModel, cache_path, device_key, features, fit, model_key
+from .cost.model import CostModel, Reduction
 from .errors import ConfigError, FastDiffError
 from .mechanisms.caching.policies import POLICIES
 
@@ -318,8 +328,6 @@ def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, l
     """`plan(pipe, speedup=...)` / `plan(pipe, latency=...)`; see `plan`."""
     import fastdiff
 
-    from .cost.estimate import Pricer
-
     if (speedup is None) == (latency is None):
         raise ConfigError("give either speedup= (over the bare model) or latency= (seconds), not both")
     if speedup is not None:
@@ -383,8 +391,6 @@ def unpaid(pipe_or_denoiser: Any, config: FastDiffConfig, steps: int = 20) -> li
     """What `apply` warns of: the merge and sparse sections of `config` predicted to make a run at the denoiser's
     default sample size (its config's `sample_size`) no faster than without them, each with the predicted times.
     Empty when neither section is set or the denoiser declares no default size (nothing to price at)."""
-    from .context import TokenLayout
-    from .cost.estimate import Pricer, dense_table, schedule
     from .integrations.diffusers import latent_dims
     from .mechanisms import registry
 
@@ -417,5 +423,218 @@ def unpaid(pipe_or_denoiser: Any, config: FastDiffConfig, steps: int = 20) -> li
         if with_it >= without:
             out.append(f"{name} ({section.strify()}) is predicted not to pay on {type(pricer.denoiser).__name__} at "
                        f"its default size ({math.prod(grid)} tokens): {with_it:.4g} s per {steps}-step run against "
-                       f"{without:.4g} s without it ({pricer.calibration.source} latency calibration)")
+                       f"{without:.4g} s without it ("
+                       + ("the shipped default latency calibration: fastdiff.calibrate_latency measures this model)"
+                          if pricer.calibration.is_default else f"latency calibration {pricer.calibration.path})"))
     return out
+
+
+class Pricer:
+    """Prices sampling runs of one pipeline (or denoiser) at one batch and CFG setting: FLOPs and predicted time.
+
+    The cost model, the token layouts and the latency model's per-layout prices are built once and kept, so the
+    planner can price many configs; `fastdiff.estimate` is one `Pricer(...).estimate(config, stages)`.
+    """
+
+    def __init__(self, pipe_or_denoiser: Any, *, batch: int = 1, cfg: bool = True, text_tokens: int | None = None,
+                 calibration: Any = None):
+        from . import adapters
+        from .integrations.diffusers import find_parts
+
+        self.pipeline, self.denoiser, _ = find_parts(pipe_or_denoiser)
+        self.adapter = adapters.resolve(self.denoiser)
+        self.model = CostModel(self.adapter)
+        spec = self.adapter.spec
+        self.patch = token_patch(spec.latent_grid, self.denoiser.config)
+        self.n_text = spec.text_tokens if text_tokens is None else text_tokens
+        self.batch, self.cfg = batch, cfg
+        self.calibration = latency.resolve(calibration, self.denoiser)
+        coef = self.calibration.coefficients
+        self.bare = latency.LatencyModel(self.model, coef, batch=batch)
+        self.hooked = latency.LatencyModel(self.model, coef, batch=batch, hooked=True)
+
+    def layouts(self, stages: list[dict]) -> list[tuple[TokenLayout, int]]:
+        from .integrations.diffusers import latent_dims
+
+        spec, out = self.adapter.spec, []
+        for st in stages:
+            grid = spec.latent_grid(self.denoiser.config, *latent_dims(self.pipeline, st["height"], st["width"],
+                                                                       st["num_frames"], self.patch))
+            out.append((TokenLayout(grid, self.n_text if spec.text_position != "none" else 0, spec.text_position),
+                        st["steps"]))
+        return out
+
+    def estimate(self, config, stages: list[dict]) -> Estimate:
+        """The run of `stages` (checked `check_stages` dicts) with `config` (a loaded FastDiffConfig)."""
+        from .mechanisms import registry
+
+        config = config.for_family(self.adapter.name)
+        layouts = self.layouts(stages)
+        contexts = schedule(layouts, self.batch, self.cfg)
+        dense = dense_table(self.model, contexts)
+        dense_time = dense_table(self.bare, contexts)
+        table = dense
+        if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
+            from .mechanisms.bottleneck.mechanism import Bottleneck, stage_sizes
+
+            Bottleneck.check_pipeline(self.pipeline, getattr(self.pipeline, "scheduler", None),
+                                      type(self.denoiser).__name__)  # what apply refuses, estimate refuses too
+            if len(stages) != 1:
+                raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
+                                  "(the section makes the stages)")
+            layouts = self.layouts(stage_sizes(config.bottleneck, **stages[0]))
+            contexts = schedule(layouts, self.batch, self.cfg)
+            table = dense_table(self.model, contexts)
+        timed = dense_table(self.hooked, contexts)
+        for mechanism in registry.build(config):
+            mechanism.validate(self.adapter)  # what apply() would refuse, estimate refuses too
+            table = mechanism.estimate_cost(table)
+            timed = mechanism.estimate_cost(timed)
+        return Estimate(table.flops, dense.flops, layouts[-1][0], sum(n for _, n in layouts), 2 if self.cfg else 1,
+                        self.batch, tuple(layouts), timed.flops, dense_time.flops, self.calibration.source)
+
+
+# -- the microbenchmark ------------------------------------------------------------------------------------------
+
+PROBES = {  # what one calibration measures at each token count, beside the bare call
+    "session": {},
+    "merge r0.3": {"merge": {"method": "tome", "ratio": 0.3}},
+    "merge r0.6": {"merge": {"method": "tome", "ratio": 0.6}},
+    "sparse window": {"sparse": {"pattern": "window", "window": [3, 3, 3], "start": 0.0}},
+    "sparse top-k 25%": {"sparse": {"pattern": "topk", "density": 0.25, "start": 0.0}},
+}
+
+
+def probe_reductions(probe: dict | None, adapter, layout: TokenLayout) -> dict[str, Reduction]:
+    """The token reductions a probe's merge or sparse section makes on `layout` (what its replay runs)."""
+    import fastdiff
+
+    from .mechanisms import registry
+
+    out: dict[str, Reduction] = {}
+    for m in registry.build(fastdiff.load_config(probe or {})) if probe is not None else []:
+        if m.name == "merge":
+            out.update(m.reductions(m.sites(adapter), layout, m.config.ratio))
+        elif m.name == "sparse":
+            out.update(m.reductions(m.sites(adapter), layout, adapter))
+    return out
+
+
+def record_call(denoiser: torch.nn.Module, call: Callable[[], Any]) -> tuple[tuple, dict]:
+    """The positional and keyword arguments of the first forward of `denoiser` during `call()` (hook removed after)."""
+    seen: list = []
+
+    def pre(module, args, kwargs):
+        if not seen:
+            seen.append((args, dict(kwargs)))
+
+    handle = denoiser.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        handle.remove()
+    if not seen:
+        raise FastDiffError(f"calibrate: the call never ran {type(denoiser).__name__}")
+    return seen[0]
+
+
+def _resized(adapter, args, kwargs, scale: float):
+    """The recorded call with its latents resized by `scale` per spatial axis (4-D latents only), or None."""
+    bound = adapter.bind(args, kwargs)
+    x = bound.get(adapter.spec.hidden_arg)
+    if scale == 1.0:
+        return args, kwargs
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        return None  # packed or video latents: only the recorded size is replayed
+    step = 8 if min(x.shape[-2:]) >= 16 else 2  # UNets need sides divisible by their downsampling; DiTs by the patch
+    h, w = (max(step, int(round(s * scale / step)) * step) for s in x.shape[-2:])
+    if (h, w) == tuple(x.shape[-2:]):
+        return None
+    y = torch.nn.functional.interpolate(x, size=(h, w), mode="nearest")
+    names = list(adapter.signature.parameters)[1:]
+    if adapter.spec.hidden_arg in kwargs:
+        return args, {**kwargs, adapter.spec.hidden_arg: y}
+    i = names.index(adapter.spec.hidden_arg)
+    return args[:i] + (y,) + args[i + 1:], kwargs
+
+
+def calibrate_latency(pipe_or_denoiser: Any, call: Callable[[], Any], *, scales=(0.5, 0.75, 1.0), repeats: int = 3,
+              directory: str | Path | None = None, save: bool = True,
+              clock: Callable[[], float] = time.perf_counter) -> Calibration:
+    """Measure this model's latency coefficients on this device and cache them (seconds on CPU at small sizes).
+
+    One denoiser call of `call()` (e.g. `lambda: pipe(**kwargs)`) is recorded and replayed, at its own size and at
+    `scales` of its latent side (4-D latents), bare, under a session, and with each of `PROBES` (merging at two
+    ratios, a sparse window, top-k); the medians of `repeats` interleaved rounds are fitted to the terms. The model
+    is left as it was (each probe is applied and removed around its replays).
+    """
+    import fastdiff
+
+    from .integrations.diffusers import find_parts
+
+    if not callable(call):
+        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
+                          f"{type(call).__name__}")
+    _, denoiser, _ = find_parts(pipe_or_denoiser)
+    if fastdiff.session_of(denoiser) is not None:
+        raise FastDiffError("calibrate: fastdiff is applied to this model; remove it first (the bare call is timed)")
+    args, kwargs = record_call(denoiser, call)
+    cost = CostModel(fastdiff.adapters.resolve(denoiser))
+    adapter = cost.adapter
+    rows, seconds, points = [], [], []
+    for scale in sorted(set(scales)):
+        replay = _resized(adapter, args, kwargs, scale)
+        if replay is None:
+            continue
+        a, kw = replay
+        bound = adapter.bind(a, kw)
+        layout = adapter.layout(bound)
+        batch = adapter.hidden_input(bound).shape[0]
+        arms = {"bare": None, **PROBES}
+        timed = _interleaved(denoiser, a, kw, arms, repeats, clock)
+        for name, probe in arms.items():
+            reductions = probe_reductions(probe, adapter, layout)
+
+            def price(coef, reductions=reductions, hooked=probe is not None):
+                return batch * sum(LatencyModel(cost, coef, batch=batch, hooked=hooked).block_flops(layout, reductions))
+
+            rows.append(features(cost, price))
+            seconds.append(timed[name])
+            points.append([f"{name} @ {math.prod(layout.grid)} tokens x{batch}", timed[name]])
+    if len(rows) < len(Coefficients.names()) // 2:
+        raise FastDiffError(f"calibrate: only {len(rows)} measurements; the call's latents could not be resized")
+    coef = fit(rows, seconds)
+    for point, row in zip(points, rows):  # what was measured, its seconds, the fit's, and its features (refits)
+        point += [sum(getattr(coef, n) * f for n, f in zip(Coefficients.names(), row)), row]
+    cal = Calibration(coef, device_key(), model_key(denoiser),
+                      f"measured {time.strftime('%Y-%m-%d %H:%M')} ({len(rows)} points, {repeats} rounds)", points)
+    if save:
+        path = cal.save(cache_path(denoiser, directory))
+        cal = dataclasses.replace(cal, path=str(path))
+    return cal
+
+
+def _interleaved(denoiser, args, kwargs, arms: dict, repeats: int, clock) -> dict[str, float]:
+    """Median seconds of one replay per arm (None: bare; a config: applied around it), rounds interleaved."""
+    import fastdiff
+
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a probe predicted not to pay is measured on purpose
+        for r in range(repeats + 1):  # the first round warms up
+            for name, probe in arms.items():
+                if probe is None:
+                    start = clock()
+                    denoiser(*args, **kwargs)
+                    elapsed = clock() - start
+                else:
+                    with fastdiff.accelerated(denoiser, probe):
+                        denoiser(*args, **kwargs)  # untimed: builds what a run builds once (maps, geometry)
+                        start = clock()
+                        denoiser(*args, **kwargs)
+                        elapsed = clock() - start
+                if r:
+                    times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+

@@ -14,10 +14,11 @@ masks and gathers, the Python of small modules and of hooks. So every term of `C
 `estimate_cost` (which scales, zeroes or re-prices a row's columns through `table.model.block_flops`) prices time
 with no code of their own: a reused block costs nothing, a merged one its reduced terms plus the merge.
 
-Coefficients come from `calibrate`: a few replays of one recorded denoiser call of the user's own model, at a few
-token counts, dense and with merging and sparse attention, fitted by non-negative least squares. A calibration is
-cached as JSON per device and model (`cache_dir()`, `FASTDIFF_CACHE_DIR` overrides); with none cached, the shipped
-default (`fastdiff/configs/latency-default.json`) is used and reported as such (`Calibration.source`).
+Coefficients come from `fastdiff.calibrate_latency` (in `fastdiff.planner`, which may run mechanisms; this module
+is arithmetic): a few replays of one recorded denoiser call of the user's own model, at a few token counts, dense
+and with merging and sparse attention, fitted by non-negative least squares (`fit`). A calibration is cached as
+JSON per device and model (`cache_dir()`, `FASTDIFF_CACHE_DIR` overrides); with none cached, the shipped default
+(`fastdiff/configs/latency-default.json`) is used and reported as such (`Calibration.source`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -239,149 +237,3 @@ def fit(rows: list[list[float]], seconds: list[float]) -> Coefficients:
     scale = np.where(a.max(axis=0) > 0, a.max(axis=0), 1.0)
     x, _ = nnls(a / scale, ones)
     return Coefficients(**{n: float(v) for n, v in zip(Coefficients.names(), x / scale)})
-
-
-# -- the microbenchmark ------------------------------------------------------------------------------------------
-
-PROBES = {  # what one calibration measures at each token count, beside the bare call
-    "session": {},
-    "merge r0.3": {"merge": {"method": "tome", "ratio": 0.3}},
-    "merge r0.6": {"merge": {"method": "tome", "ratio": 0.6}},
-    "sparse window": {"sparse": {"pattern": "window", "window": [3, 3, 3], "start": 0.0}},
-    "sparse top-k 25%": {"sparse": {"pattern": "topk", "density": 0.25, "start": 0.0}},
-}
-
-
-def probe_reductions(probe: dict | None, adapter, layout: TokenLayout) -> dict[str, Reduction]:
-    """The token reductions a probe's merge or sparse section makes on `layout` (what its replay runs)."""
-    import fastdiff
-
-    from ..mechanisms import registry
-
-    out: dict[str, Reduction] = {}
-    for m in registry.build(fastdiff.load_config(probe or {})) if probe is not None else []:
-        if m.name == "merge":
-            out.update(m.reductions(m.sites(adapter), layout, m.config.ratio))
-        elif m.name == "sparse":
-            out.update(m.reductions(m.sites(adapter), layout, adapter))
-    return out
-
-
-def record_call(denoiser: torch.nn.Module, call: Callable[[], Any]) -> tuple[tuple, dict]:
-    """The positional and keyword arguments of the first forward of `denoiser` during `call()` (hook removed after)."""
-    seen: list = []
-
-    def pre(module, args, kwargs):
-        if not seen:
-            seen.append((args, dict(kwargs)))
-
-    handle = denoiser.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        handle.remove()
-    if not seen:
-        raise FastDiffError(f"calibrate: the call never ran {type(denoiser).__name__}")
-    return seen[0]
-
-
-def _resized(adapter, args, kwargs, scale: float):
-    """The recorded call with its latents resized by `scale` per spatial axis (4-D latents only), or None."""
-    bound = adapter.bind(args, kwargs)
-    x = bound.get(adapter.spec.hidden_arg)
-    if scale == 1.0:
-        return args, kwargs
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        return None  # packed or video latents: only the recorded size is replayed
-    step = 8 if min(x.shape[-2:]) >= 16 else 2  # UNets need sides divisible by their downsampling; DiTs by the patch
-    h, w = (max(step, int(round(s * scale / step)) * step) for s in x.shape[-2:])
-    if (h, w) == tuple(x.shape[-2:]):
-        return None
-    y = torch.nn.functional.interpolate(x, size=(h, w), mode="nearest")
-    names = list(adapter.signature.parameters)[1:]
-    if adapter.spec.hidden_arg in kwargs:
-        return args, {**kwargs, adapter.spec.hidden_arg: y}
-    i = names.index(adapter.spec.hidden_arg)
-    return args[:i] + (y,) + args[i + 1:], kwargs
-
-
-def calibrate(pipe_or_denoiser: Any, call: Callable[[], Any], *, scales=(0.5, 0.75, 1.0), repeats: int = 3,
-              directory: str | Path | None = None, save: bool = True,
-              clock: Callable[[], float] = time.perf_counter) -> Calibration:
-    """Measure this model's latency coefficients on this device and cache them (seconds on CPU at small sizes).
-
-    One denoiser call of `call()` (e.g. `lambda: pipe(**kwargs)`) is recorded and replayed, at its own size and at
-    `scales` of its latent side (4-D latents), bare, under a session, and with each of `PROBES` (merging at two
-    ratios, a sparse window, top-k); the medians of `repeats` interleaved rounds are fitted to the terms. The model
-    is left as it was (each probe is applied and removed around its replays).
-    """
-    import fastdiff
-
-    from ..integrations.diffusers import find_parts
-
-    if not callable(call):
-        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
-                          f"{type(call).__name__}")
-    _, denoiser, _ = find_parts(pipe_or_denoiser)
-    if fastdiff.session_of(denoiser) is not None:
-        raise FastDiffError("calibrate: fastdiff is applied to this model; remove it first (the bare call is timed)")
-    args, kwargs = record_call(denoiser, call)
-    cost = CostModel(fastdiff.adapters.resolve(denoiser))
-    adapter = cost.adapter
-    rows, seconds, points = [], [], []
-    for scale in sorted(set(scales)):
-        replay = _resized(adapter, args, kwargs, scale)
-        if replay is None:
-            continue
-        a, kw = replay
-        bound = adapter.bind(a, kw)
-        layout = adapter.layout(bound)
-        batch = adapter.hidden_input(bound).shape[0]
-        arms = {"bare": None, **PROBES}
-        timed = _interleaved(denoiser, a, kw, arms, repeats, clock)
-        for name, probe in arms.items():
-            reductions = probe_reductions(probe, adapter, layout)
-
-            def price(coef, reductions=reductions, hooked=probe is not None):
-                return batch * sum(LatencyModel(cost, coef, batch=batch, hooked=hooked).block_flops(layout, reductions))
-
-            rows.append(features(cost, price))
-            seconds.append(timed[name])
-            points.append([f"{name} @ {math.prod(layout.grid)} tokens x{batch}", timed[name]])
-    if len(rows) < len(Coefficients.names()) // 2:
-        raise FastDiffError(f"calibrate: only {len(rows)} measurements; the call's latents could not be resized")
-    coef = fit(rows, seconds)
-    for point, row in zip(points, rows):  # what was measured, its seconds, the fit's, and its features (refits)
-        point += [sum(getattr(coef, n) * f for n, f in zip(Coefficients.names(), row)), row]
-    cal = Calibration(coef, device_key(), model_key(denoiser),
-                      f"measured {time.strftime('%Y-%m-%d %H:%M')} ({len(rows)} points, {repeats} rounds)", points)
-    if save:
-        path = cal.save(cache_path(denoiser, directory))
-        cal = dataclasses.replace(cal, path=str(path))
-    return cal
-
-
-def _interleaved(denoiser, args, kwargs, arms: dict, repeats: int, clock) -> dict[str, float]:
-    """Median seconds of one replay per arm (None: bare; a config: applied around it), rounds interleaved."""
-    import fastdiff
-
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a probe predicted not to pay is measured on purpose
-        for r in range(repeats + 1):  # the first round warms up
-            for name, probe in arms.items():
-                if probe is None:
-                    start = clock()
-                    denoiser(*args, **kwargs)
-                    elapsed = clock() - start
-                else:
-                    with fastdiff.accelerated(denoiser, probe):
-                        denoiser(*args, **kwargs)  # untimed: builds what a run builds once (maps, geometry)
-                        start = clock()
-                        denoiser(*args, **kwargs)
-                        elapsed = clock() - start
-                if r:
-                    times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
-

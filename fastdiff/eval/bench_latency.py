@@ -142,7 +142,7 @@ def median(xs):
 
 def calibrate(name: str, wl, args, out: Path):
     t0 = time.perf_counter()
-    cal = _latency.calibrate(wl.pipe, lambda: wl.pipe(**{**wl.make_kwargs([0]), "num_inference_steps": 2}),
+    cal = fastdiff.calibrate_latency(wl.pipe, lambda: wl.pipe(**{**wl.make_kwargs([0]), "num_inference_steps": 2}),
                              scales=args.scales, repeats=args.cal_repeats, directory=out / "calibrations")
     took = time.perf_counter() - t0
     print(f"  calibrated {name} in {took:.1f} s: {cal.path}", flush=True)

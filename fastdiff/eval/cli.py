@@ -1,6 +1,7 @@
 """`fastdiff-eval`: baseline vs fastdiff configs on the same seeds — latency, paired fidelity, sample quality.
 
     fastdiff-eval --model ref-digits --preset cache-safe --preset cache-fast --samples 100 --steps 20 --out runs/x
+    fastdiff-eval --model ref-digits --speedup 2 --speedup 3 --out runs/y        # the planner's configs for the call
     accelerate launch --num_processes 4 -m fastdiff.eval.cli --model ... --out ...   # samples split over processes
 
 Per config it writes <out>/<name>.json and a sample grid PNG; then <out>/results.csv, results.json and
@@ -117,9 +118,33 @@ def configs(args) -> list[tuple[str, object]]:
     for path in args.config or []:
         cfg = fastdiff.load_config(path)
         out.append((cfg.strify(), cfg))
+    if args.speedup or args.latency:
+        out += planned(args)
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"two configs share a name: {names}")
+    return out
+
+
+def planned(args) -> list[tuple[str, object]]:
+    """`--speedup X` / `--latency S`: the planner's config for this workload's call (its steps, size and batch),
+    named plan-Xx / plan-Ss; an unreachable target is refused here, before anything is written."""
+    wl = workloads.load(args.model, samples=1, steps=args.steps, seed=args.seed)
+    kw = wl.make_kwargs([0])
+    with torch.no_grad():  # one 1-step sample: the output size a call of this workload makes
+        size = wl.to_images(wl.pipe(**{**kw, "num_inference_steps": 1})).shape[-2:]
+    shape = dict(height=int(size[0]), width=int(size[1]), steps=args.steps, batch=min(args.batch_size, args.samples),
+                 cfg=kw.get("guidance_scale", 1.0) != 1.0)
+    out = []
+    for key, values in (("speedup", args.speedup), ("latency", args.latency)):
+        for v in values or []:
+            try:
+                p = fastdiff.plan(wl.pipe, **{key: v}, **shape)
+            except fastdiff.ConfigError as err:
+                raise SystemExit(f"--{key} {v:g}: {err}") from None
+            print(f"plan {key}={v:g}: {' + '.join(p.choices) or 'nothing'} (predicted {p.speedup:.2f}x, "
+                  f"{p.seconds:.3g} s; expected PSNR {p.psnr:.1f} dB; latency: {p.latency})", flush=True)
+            out.append((f"plan-{v:g}{'x' if key == 'speedup' else 's'}", p.config))
     return out
 
 
@@ -181,6 +206,10 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="ref-digits", help="reference model name or tiny family name")
     ap.add_argument("--preset", action="append", help="fastdiff preset (repeatable)")
     ap.add_argument("--config", action="append", help="fastdiff YAML config (repeatable)")
+    ap.add_argument("--speedup", type=float, action="append",
+                    help="a config planned for this call at this predicted speedup (fastdiff.plan; repeatable)")
+    ap.add_argument("--latency", type=float, action="append",
+                    help="a config planned for this call within this many seconds of denoiser time (repeatable)")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)

@@ -172,3 +172,18 @@ def test_apply_warns_when_a_mechanism_is_predicted_not_to_pay(pixart):
     with pytest.warns(UserWarning, match=r"sparse .* predicted not to pay .* s per 20-step run against .* s without"):
         fastdiff.apply(pipe, preset="sparse-window")
     fastdiff.remove(pipe)
+
+
+def test_the_eval_cli_plans_its_speedup_and_latency_configs_for_its_call():
+    from argparse import Namespace
+
+    from fastdiff.eval import cli
+
+    args = Namespace(model="ref-digits", preset=None, config=None, speedup=[2.0], latency=None, steps=10, seed=0,
+                     samples=4, batch_size=2)
+    (name, cfg), = cli.configs(args)[1:]
+    p = fastdiff.plan(cli.workloads.load("ref-digits", samples=1, steps=10).pipe, speedup=2.0, height=16, width=16,
+                      steps=10, batch=2)
+    assert name == "plan-2x" and cfg == p.config
+    with pytest.raises(SystemExit, match="--speedup 100: .*reachable range"):
+        cli.configs(Namespace(**{**vars(args), "speedup": [100.0]}))

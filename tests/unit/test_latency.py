@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff import planner
 from fastdiff.context import TokenLayout
 from fastdiff.cost import latency
 from fastdiff.cost.model import CostModel, Reduction
@@ -108,9 +109,9 @@ def test_calibrate_measures_the_model_and_leaves_it_as_it_was(tmp_path):
     kw = lambda: tiny.pipeline_kwargs("dit", steps=2)  # noqa: E731
     with torch.no_grad():
         before = tiny.output_tensor(pipe(**kw()))
-    cal = latency.calibrate(pipe, lambda: pipe(**kw()), scales=(1.0,), repeats=1, directory=tmp_path)
+    cal = fastdiff.calibrate_latency(pipe, lambda: pipe(**kw()), scales=(1.0,), repeats=1, directory=tmp_path)
     with torch.no_grad():
         after = tiny.output_tensor(pipe(**kw()))
     assert torch.equal(before, after) and fastdiff.session_of(pipe) is None
-    assert cal.source.startswith("measured") and len(cal.points) == 1 + len(latency.PROBES)
+    assert cal.source.startswith("measured") and len(cal.points) == 1 + len(planner.PROBES)
     assert latency.load(pipe.transformer, tmp_path) == cal
