@@ -454,3 +454,21 @@ def test_stateful_refusals_touch_nothing(pipes, snapshot):
     finally:
         hook.remove()
     assert torch.equal(tiny.output_tensor(pipe(**kw())), base)  # the pipeline as before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_call_that_starts_part_way_is_refused(pipes):
+    """img2img starts at its strength's timestep (a slice of the pipeline's schedule): the stages would not be the
+    ones run, so the first step refuses it; at strength 1 it is the whole schedule and runs."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe, _ = _plain(pipes, "sd15")
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    kw = {k: v for k, v in tiny.pipeline_kwargs("sd15", steps=4).items() if k not in ("height", "width")}
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with fastdiff.accelerated(i2i, preset="bottleneck-fast"):
+        with pytest.raises(fastdiff.UnsupportedModelError, match="starts part-way"):
+            i2i(image=image, strength=0.5, **kw)
+        out = tiny.output_tensor(i2i(image=image, strength=1.0, **kw))
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()

@@ -67,6 +67,7 @@ class _Run:
     call: dict | None = None  # a stateful sampler's set_timesteps arguments (the pipeline's, by name)
     plans: list[StageSchedule] | None = None  # a stateful sampler's stage schedules
     checked: bool = False  # the latent size was checked against every stage
+    start: float | None = None  # the run's first timestep, where the pipeline's first step must be
 
     def stage_of(self, step: int) -> int:
         return max(k for k, b in enumerate(self.bounds) if b <= min(step, self.bounds[-1]))
@@ -157,7 +158,7 @@ class Driver:
         scheduler.sigmas = sigmas.to(device=device, dtype=scheduler.sigmas.dtype)
         scheduler.timesteps = timesteps.to(device=device, dtype=scheduler.timesteps.dtype)
         bounds = [sum(counts[:k]) for k in range(len(counts))]
-        self._local.run = _Run(counts, bounds, sigmas)
+        self._local.run = _Run(counts, bounds, sigmas, start=float(timesteps[0]))
         return out
 
     def _set_stages(self, scheduler, inner, args, kwargs):
@@ -179,7 +180,8 @@ class Driver:
         enter_stage(scheduler, call, counts[0], self.stages[0].strength)
         scheduler.timesteps = torch.cat([p.steps for p in plans]).to(scheduler.timesteps.device)
         bounds = [sum(counts[:k]) for k in range(len(counts))]
-        self._local.run = _Run(counts, bounds, None, scheduler=scheduler, call=call, plans=plans)
+        self._local.run = _Run(counts, bounds, None, scheduler=scheduler, call=call, plans=plans,
+                               start=float(plans[0].steps[0]))
         return out
 
     def _full_tokens(self, scheduler, mu) -> int:
@@ -267,6 +269,11 @@ class Driver:
         v, sample = a.pop("model_output"), a.pop("sample")
         t = a.pop("timestep")
         if run.step == 0:
+            if run.start is not None and abs(float(t) - run.start) > 1e-6 * max(1.0, abs(run.start)):
+                raise UnsupportedModelError(
+                    f"bottleneck: the pipeline's first step is at timestep {float(t):g}, not at the schedule's first "
+                    f"({run.start:g}): it starts part-way (img2img, inpainting, a denoising_start); resolution-"
+                    "bottleneck sampling runs a call's whole schedule from noise")
             run.first = sample.detach().clone()
             if run.plans is not None:
                 self._check_deterministic(run, a)
