@@ -213,6 +213,7 @@ class Option:
     psnr: float = math.inf  # dB against dense
     accuracy: float | None = 1.0
     basis: str = ""  # which measured points it rests on
+    same_class: bool = True  # measured on a reference of the planned denoiser's class (else on others)
 
     @property
     def label(self) -> str:
@@ -312,13 +313,14 @@ def options_for(denoiser_class: str, mechanisms=SPACE, table=None) -> dict[str, 
     for entry in table if table is not None else fidelity_table():
         if entry["mechanism"] not in out:
             continue
-        points = [p for p in entry["points"] if p["denoiser"] == denoiser_class] or entry["points"]
+        own = [p for p in entry["points"] if p["denoiser"] == denoiser_class]
+        points = own or entry["points"]
         psnrs = [p["psnr"] for p in points if p["psnr"] is not None]
         accs = [p["accuracy"] for p in points if p["accuracy"] is not None]
         basis = ", ".join(sorted({p["reference"] for p in points}))
         out[entry["mechanism"]].append(Option(entry["mechanism"], entry["name"], entry["section"],
                                               statistics.median(psnrs) if psnrs else math.inf,
-                                              statistics.median(accs) if accs else None, basis))
+                                              statistics.median(accs) if accs else None, basis, bool(own)))
     return out
 
 
@@ -373,6 +375,8 @@ def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, l
     best, why = search(options, price, dense, budget, tolerance, empty.seconds)
     cfg = base.merged(best.sections())
     est = pricer.estimate(cfg, stages)
+    notes += [f"{o.label}: its expected fidelity was measured on {o.basis}, no {type(pricer.denoiser).__name__}"
+              for o in best.options if not o.same_class]
     return Plan(cfg, dense / budget, dense / est.seconds, "space", best.psnr, 0, [], est.seconds, dense, best.psnr,
                 best.accuracy, tuple(o.label for o in best.options), pricer.calibration.source, tuple(notes + why))
 
@@ -630,7 +634,6 @@ def _interleaved(denoiser, args, kwargs, arms: dict, repeats: int, clock) -> dic
                     elapsed = clock() - start
                 else:
                     with fastdiff.accelerated(denoiser, probe):
-                        denoiser(*args, **kwargs)  # untimed: builds what a run builds once (maps, geometry)
                         start = clock()
                         denoiser(*args, **kwargs)
                         elapsed = clock() - start

@@ -230,6 +230,8 @@ def part2(args) -> list[dict]:
                     est = fastdiff.estimate(wl.pipe, cfg, calibration=cal, **size)
                 except (fastdiff.ConfigError, fastdiff.UnsupportedModelError):
                     continue
+                if est.time_speedup <= 1.0:
+                    continue  # predicted not to pay: never a rival at 2x or 3x (part 1 measures the prediction)
                 label = opt.label
                 arms.append(timing.workload_arm(label, wl, session=lambda c=cfg: fastdiff.accelerated(wl.pipe, c)))
                 meta[label] = dict(kind="single", target=None, choice=label, predicted=est.time_speedup,
