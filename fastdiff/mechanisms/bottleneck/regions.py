@@ -90,7 +90,7 @@ def read_cells(grid: torch.Tensor, packing: int) -> torch.Tensor:
 
 
 # -- the mixed token set ------------------------------------------------------------------------------------------
-def _indices(cells: torch.Tensor, packing: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _indices(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the coarse cells' token indices (row-major in the coarse grid) and the fine tokens' indices (row-major
     in the full grid). Every row must have as many fine cells as the first."""
     flat = cells.flatten(1)
@@ -110,7 +110,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def tokens(grid: torch.Tensor, cells: torch.Tensor, packing: int) -> torch.Tensor:
     """(B, C, H, W) full-size latents -> (B, N, C p p) the mixed set: coarse cells' tokens, then the fine tokens."""
-    coarse, fine = _indices(cells, packing)
+    coarse, fine = _indices(cells)
     low = resample.pack(resample.pick(grid, SCALE), packing)
     full = resample.pack(grid, packing)
     return torch.cat([_gather(low, coarse), _gather(full, fine)], 1)
@@ -119,7 +119,7 @@ def tokens(grid: torch.Tensor, cells: torch.Tensor, packing: int) -> torch.Tenso
 def place(mixed: torch.Tensor, cells: torch.Tensor, packing: int, size: tuple[int, int]) -> torch.Tensor:
     """The inverse of `tokens`: (B, N, C p p) mixed tokens -> (B, C, H, W) full-size latents, each coarse cell its
     token nearest-upsampled; `tokens(place(y)) == y` exactly."""
-    coarse, fine = _indices(cells, packing)
+    coarse, fine = _indices(cells)
     b, _, d = mixed.shape
     h, w = size
     nc = coarse.shape[1]
