@@ -119,7 +119,7 @@ class AttentionOp:
 
     Args:
         path: regex on the module path of the module that runs the op (e.g. its block).
-        width: attribute of that module holding the attention's inner width (heads × head dim).
+        width: attribute (dotted path) of that module holding the attention's inner width (heads × head dim).
         q_streams / kv_streams: token streams of the queries and of the keys.
     """
 

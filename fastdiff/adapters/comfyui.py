@@ -33,11 +33,13 @@ class BlockPatch:
         joint: ComfyUI passes the block one [text; image] sequence (`args["img"]`); the host hands hooks the two
             streams apart ("img", "txt"), the same I/O as the list's other blocks, and joins them again.
         args: the patch's argument names, passed on to the block by name.
+        outputs: the names of the block's outputs in the dict the patch returns, in the order hooks see them.
     """
 
     patch: str | None
     joint: bool = False
     args: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("img", "txt")
 
 
 def _row_branches(model, bound):
@@ -139,12 +141,75 @@ UNET = FamilySpec(
     text_position="cross",
 )
 
-SPECS: dict[str, FamilySpec] = {c: s for s in (FLUX, UNET) for c in s.classes}
+# -- SD3 (comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper) --------------------------
+def _sd3_layout(model, bound):
+    # the step clock reads SD3 calls at ComfyUI's apply_model (its MMDiT has no DIFFUSION_MODEL wrapper point):
+    # the text is the cross-attention cond there
+    x = bound["x"]
+    context = bound.get("context", bound.get("c_crossattn"))
+    n_text = context.shape[1] if isinstance(context, torch.Tensor) else 0
+    return TokenLayout(_flux_grid(None, 1, x.shape[-2], x.shape[-1]), n_text, "first" if n_text else "none")
+
+
+SD3 = FamilySpec(
+    name="comfy-sd3",
+    classes=("MMDiT",),
+    # JointBlock(context, x) -> (context, x); the last one returns no context (its context half is pre-only)
+    block_lists=(BlockList("joint_blocks", "joint", _FLUX_IO),),
+    hidden_arg="x",
+    timestep_arg="timesteps",
+    layout=_sd3_layout,
+    latent_grid=_flux_grid,
+    row_branches=_row_branches,
+    streams=(
+        (r"adaLN_modulation|^t_embedder|^y_embedder", "global"),
+        (r"^context_embedder|\.context_block\.", "text"),
+    ),
+    attention_ops=(AttentionOp(r"^joint_blocks\.\d+\.x_block\.attn$", "qkv.in_features", ("joint",), ("joint",)),),
+    text_tokens=333,
+    text_position="first",
+)
+
+# -- Wan 2.x (comfy.ldm.wan.model.WanModel) ------------------------------------------------------------
+def _wan_grid(cfg, f, h, w):
+    return (f, (h + 1) // 2, (w + 1) // 2)  # patch (1, 2, 2), padded to whole patches
+
+
+def _wan_layout(model, bound):
+    x, context = bound["x"], bound.get("context")
+    n_text = context.shape[1] if isinstance(context, torch.Tensor) else 0
+    return TokenLayout(_wan_grid(None, x.shape[2], x.shape[-2], x.shape[-1]), n_text, "cross" if n_text else "none")
+
+
+WAN = FamilySpec(
+    name="comfy-wan",
+    classes=("WanModel",),
+    # blocks take the text as cross-attention keys and return the image tokens only
+    block_lists=(BlockList("blocks", "block", IOPattern(hidden_arg="img", encoder_arg=None)),),
+    hidden_arg="x",
+    timestep_arg="timestep",
+    layout=_wan_layout,
+    latent_grid=_wan_grid,
+    row_branches=_row_branches,
+    streams=((r"^time_|^img_emb", "global"), (r"^text_embedding|\.cross_attn\.(k|v)(_img)?$", "text")),
+    attention_ops=(AttentionOp(r"^blocks\.\d+\.self_attn$", "dim", ("image",), ("image",)),
+                   AttentionOp(r"^blocks\.\d+\.cross_attn$", "dim", ("image",), ("text",))),
+    text_tokens=512,
+    text_position="cross",
+)
+
+SPECS: dict[str, FamilySpec] = {c: s for s in (FLUX, UNET, SD3, WAN) for c in s.classes}
 PATCHES: dict[str, dict[str, BlockPatch]] = {
     FLUX.name: {"double": BlockPatch("double_block", args=("img", "txt", *_DIT_ARGS)),
                 "single": BlockPatch("single_block", joint=True, args=("img", *_DIT_ARGS))},
     UNET.name: {"unet": BlockPatch(None)},
+    SD3.name: {"joint": BlockPatch("double_block", args=("img", "txt", "vec", "transformer_options"))},
+    WAN.name: {"block": BlockPatch("double_block", args=("img", "txt", "vec", "pe", "transformer_options"),
+                                   outputs=("img",))},
 }
+# Where the step clock opens a call: ComfyUI's DIFFUSION_MODEL wrapper (around the diffusion model's forward), or
+# for a model that has none its APPLY_MODEL wrapper (then nothing can wrap the whole diffusion model).
+CLOCKS: dict[str, str] = {SD3.name: "apply_model"}
 
 
 def supported() -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ tokens — queries and per-token layers at `Reduction.query`, key/value projecti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ class CostModel:
                                        level=level, q_streams=q, kv_streams=kv))
             for op in spec.attention_ops:  # attention called as a function (fused qkv): named by the adapter
                 if re.search(op.path, path):
-                    self.terms.append(Term(path, block, "attention", 4.0 * getattr(module, op.width), level=level,
+                    width = functools.reduce(getattr, op.width.split("."), module)
+                    self.terms.append(Term(path, block, "attention", 4.0 * width, level=level,
                                            q_streams=op.q_streams, kv_streams=op.kv_streams))
 
         # modules the denoiser runs a second time outside their block count again, outside blocks

@@ -22,6 +22,7 @@ Only the node pack (`comfyui_fastdiff`) imports this module; it imports ComfyUI 
 from __future__ import annotations
 
 import bisect
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -120,7 +121,10 @@ def patch(model, section: str, settings: dict) -> Any:
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     options[KEY] = Plan(sections)
-    for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, _outer_sample), (pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model)):
+    clock = comfy_adapters.CLOCKS.get(dry.adapter.name, "diffusion_model")
+    clock = (pe.WrappersMP.APPLY_MODEL, _apply_model) if clock == "apply_model" else \
+        (pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model)
+    for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, _outer_sample), clock):
         if not clone.get_wrappers(kind, KEY):  # an earlier fastdiff node's clone has them already
             clone.add_wrapper_with_key(kind, KEY, wrapper)
     replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
@@ -195,6 +199,21 @@ def _diffusion_model(executor, *args, **kwargs):
         run.current = None
 
 
+def _apply_model(executor, *args, **kwargs):
+    """The step clock of a model without a DIFFUSION_MODEL wrapper point (SD3's MMDiT): opens the run's call around
+    ComfyUI's apply_model; its arguments are read by apply_model's names (x, t, c_crossattn, ...)."""
+    to = _transformer_options(args, kwargs)
+    run: ComfyRun | None = None if to is None else to.get(RUN_KEY)
+    if run is None:
+        return executor(*args, **kwargs)
+    signature = inspect.signature(executor.class_obj._apply_model)
+    run.open(args, kwargs, to, bound=signature.bind_partial(*args, **kwargs).arguments)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        run.current = None
+
+
 def _block_patch(path: str, bp: comfy_adapters.BlockPatch, before: Callable | None):
     """ComfyUI's replace patch for block `path`: runs the run's hooks of that block around the block (or around
     the patch another node had set there)."""
@@ -262,6 +281,11 @@ class ComfyRun:
     # -- Host -------------------------------------------------------------------------------------------
     def wrap(self, module: Any, name: str, hook: Hook) -> None:
         path = self._paths.get(id(module))
+        if path == "" and comfy_adapters.CLOCKS.get(self.adapter.name) == "apply_model":
+            raise UnsupportedModelError(
+                f"{type(self.denoiser).__name__} in ComfyUI: mechanism '{name.split('.')[1]}' wraps the whole diffusion "
+                "model, which this ComfyUI version gives no DIFFUSION_MODEL wrapper point for; on this model the "
+                "ComfyUI host runs mechanisms on its blocks only (cache)")
         if path is None:
             mechanism = name.split(".")[1] if name.count(".") else name
             raise UnsupportedModelError(
@@ -289,8 +313,10 @@ class ComfyRun:
         return min(max(i, 0), self.steps - 1)
 
     @torch.compiler.disable
-    def open(self, args: tuple, kwargs: dict, to: dict) -> Call:
-        bound = self.adapter.bind(args, kwargs)
+    def open(self, args: tuple, kwargs: dict, to: dict, bound: dict | None = None) -> Call:
+        """Open the call: its step, branches and layout (`bound`: its arguments by name, default bound to the
+        diffusion model's forward)."""
+        bound = self.adapter.bind(args, kwargs) if bound is None else bound
         sigma = to.get("sigmas")
         if sigma is None or self.sigmas is None:
             raise FastDiffError("fastdiff ComfyUI: the diffusion model was called without transformer_options "
@@ -318,13 +344,14 @@ class ComfyRun:
     def block(self, path: str, bp: comfy_adapters.BlockPatch, base: Callable, args: dict) -> dict:
         """A DiT block through its hooks: arguments by name, the block's output as (img, txt); a joint block's
         [text; image] sequence is handed over as its two streams."""
+        names = bp.outputs
         if not bp.joint:
             def inner(**kw):
                 out = base(kw)
-                return out["img"], out["txt"]
+                return out[names[0]] if len(names) == 1 else tuple(out[k] for k in names)
 
-            img, txt = self.through(path, inner, (), {k: args.get(k) for k in bp.args})
-            return {"img": img, "txt": txt}
+            out = self.through(path, inner, (), {k: args.get(k) for k in bp.args})
+            return {names[0]: out} if len(names) == 1 else dict(zip(names, out))
         n = self.current.ctx.layout.text_tokens
         joint = args["img"]
 
@@ -340,7 +367,8 @@ class ComfyRun:
     def _dense(self, noise: torch.Tensor, cfg: bool):
         """The run's dense cost table, priced on its latent size and text before it starts."""
         spec = self.adapter.spec
-        grid = spec.latent_grid(None, 1, noise.shape[-2], noise.shape[-1])
+        frames = noise.shape[2] if noise.ndim == 5 else 1  # video latents: (batch, channels, frames, h, w)
+        grid = spec.latent_grid(None, frames, noise.shape[-2], noise.shape[-1])
         text = spec.text_tokens if self.text_tokens is None else self.text_tokens
         layout = TokenLayout(grid, text if spec.text_position != "none" else 0, spec.text_position)
         return dense_table(self.cost_model, schedule([(layout, self.steps)], 1, cfg))
@@ -352,7 +380,8 @@ class ComfyRun:
         from .. import planner
 
         dense = self._dense(noise, cfg)
-        free = tuple(m for m in PLANNED if m not in fixed)
+        whole = comfy_adapters.CLOCKS.get(self.adapter.name) != "apply_model"  # guidance wraps the whole model
+        free = tuple(m for m in PLANNED if m not in fixed and (whole or m != "guidance"))
         if not free:
             raise ConfigError(f"fastdiff Accelerate: every mechanism it plans ({list(PLANNED)}) is already set by "
                               "another fastdiff node; drop those nodes or the Accelerate node")

@@ -2,6 +2,8 @@
 reached through ComfyUI's wrappers and DiT block patches only. Compute changes and the summary says exactly what
 ran; the input MODEL, other clones and other queue items are never touched; a no-op setting is bit-identical."""
 
+import types
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from tests.comfyui import harness
 
 pytestmark = pytest.mark.usefixtures("comfy")
 
-FAMILIES = ("flux", "sd15")
+FAMILIES = ("flux", "sd15", "sd3", "wan")
 STEPS = 8
 STATIC = {"policy": "static", "interval": 2, "start": 0.1, "end": 0.9}
 
@@ -33,7 +35,9 @@ def _same_weights(a, b):
 def _forwards(model):
     """Counts the diffusion model's real forward passes (its first layer's), whatever the wrappers decide."""
     net = model.model.diffusion_model
-    first = net.img_in if hasattr(net, "img_in") else net.input_blocks[0][0]
+    first = {"Flux": lambda: net.img_in, "UNetModel": lambda: net.input_blocks[0][0],
+             "OpenAISignatureMMDITWrapper": lambda: net.x_embedder.proj, "WanModel": lambda: net.patch_embedding}
+    first = first[type(net).__name__]()
     count = []
     return count, first.register_forward_hook(lambda *a: count.append(1))
 
@@ -61,9 +65,11 @@ def test_cache_skips_steps_and_summary_matches_the_cost_model(host, family):
     assert summary.steps == STEPS and summary.calls == STEPS
     if family == "sd15":  # the whole UNet is the cached span: a reused step never runs it
         assert len(count) == STEPS - len(reused)
-    else:  # Flux' embedders run every step, the blocks only where computed
-        assert len(count) == STEPS
-        assert [r.blocks_computed for r in summary.per_step] == [0 if r.step in reused else 4 for r in summary.per_step]
+    else:  # a DiT's embedders run every step, its blocks only where computed
+        blocks = summary.per_step[0].blocks_total
+        assert len(count) == STEPS and blocks == {"flux": 4, "sd3": 2, "wan": 2}[family]
+        assert [r.blocks_computed for r in summary.per_step] == [0 if r.step in reused else blocks
+                                                                 for r in summary.per_step]
     # the run's accounted FLOPs are the cost model's price of the same schedule (static: exact)
     run = host.ComfyRun(host.Plan({"cache": STATIC}), model.model.diffusion_model, None, steps=STEPS)
     layout = summary.per_step[0]
@@ -111,7 +117,7 @@ def test_few_steps_says_the_cache_does_nothing(host):
     assert not host.plan_of(patched).notes and host.plan_of(patched).last.estimated_speedup > 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ("flux", "sd15"))
 def test_two_clones_and_two_queue_items_share_no_state(host, family):
     model = harness.build_model(family)
     a = host.patch(model, "cache", STATIC)
@@ -141,18 +147,18 @@ def test_chained_nodes_make_one_config_and_keep_each_input(host):
 
 def test_guidance_skips_the_negative_rows(host):
     model = harness.build_model("sd15")
-    base = harness.sample(model, steps=STEPS)
+    base = harness.sample(model, steps=6)
     skip = host.patch(model, "guidance", {"start": 0.5})
-    out = harness.sample(skip, steps=STEPS)
+    out = harness.sample(skip, steps=6)
     summary = host.plan_of(skip).last
     skipped = [r.step for r in summary.per_step if r.decisions == ["guidance=skip-uncond"]]
-    assert skipped == [4, 5, 6, 7]
+    assert skipped == [3, 4, 5]
     assert summary.per_step[0].branches == ["cond/uncond"]
-    assert summary.estimated_speedup == pytest.approx(16 / 12)  # 4 of 16 rows skipped
+    assert summary.estimated_speedup == pytest.approx(12 / 9)  # 3 of 12 rows skipped
     assert not torch.equal(out, base) and torch.isfinite(out).all()
     # Flux dev is sampled at cfg 1 (no negative rows): the setting does nothing, and says so
     flux = host.patch(harness.build_model("flux"), "guidance", {"start": 0.5})
-    harness.sample(flux, steps=STEPS)
+    harness.sample(flux, steps=4)
     assert "cfg 1.0" in host.plan_of(flux).notes[0]
 
 
@@ -187,8 +193,13 @@ def test_refusals_come_before_anything_is_patched(host):
     with pytest.raises(UnsupportedModelError, match="token merging"):  # not through the ComfyUI host yet
         host.patch(model, "merge", {"ratio": 0.5})
     assert repr(model.model_options) == options and not model.wrappers
+    sd3 = harness.build_model("sd3")  # its MMDiT has no DIFFUSION_MODEL wrapper: nothing wraps the whole model
+    with pytest.raises(UnsupportedModelError, match="no DIFFUSION_MODEL wrapper point"):
+        host.patch(sd3, "guidance", {"start": 0.5})
+    assert not sd3.wrappers
+    other = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)), model_options={})
     with pytest.raises(UnsupportedModelError, match="supported ComfyUI diffusion models"):
-        host.patch(harness.build_model("sd3"), "cache", STATIC)
+        host.patch(other, "cache", STATIC)
 
 
 def test_cost_model_prices_comfy_models(host):
@@ -204,16 +215,16 @@ def test_cost_model_prices_comfy_models(host):
     assert levels["output_blocks.1.2.conv"] == 0 and levels["output_blocks.0.1.transformer_blocks.0.attn1"] == 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ("flux", "sd15"))
 def test_accelerate_plans_each_run_for_its_steps(host, family):
     model = harness.build_model(family)
     fast = host.patch(model, host.ACCELERATE, {"speedup": 2.0})
-    harness.sample(fast, steps=20)
+    harness.sample(fast, steps=12)
     plan = host.plan_of(fast)
     summary = plan.last
     assert summary.estimated_speedup >= 2.0
     assert "accelerate: target 2.00x: cache: " in plan.report
-    assert f"predicted {summary.estimated_speedup:.2f}x FLOPs over 20 steps" in plan.report  # the plan is what ran
+    assert f"predicted {summary.estimated_speedup:.2f}x FLOPs over 12 steps" in plan.report  # the plan is what ran
     assert not model.wrappers
 
 
@@ -221,15 +232,26 @@ def test_accelerate_keeps_what_other_nodes_set_and_refuses_the_unreachable(host)
     from fastdiff.errors import ConfigError
 
     model = harness.build_model("sd15")
-    base = harness.sample(model, steps=20)
+    base = harness.sample(model, steps=12)
     skip = host.patch(model, "guidance", {"start": 0.5})
     both = host.patch(skip, host.ACCELERATE, {"speedup": 2.5})
-    harness.sample(both, steps=20)
+    harness.sample(both, steps=12)
     summary = host.plan_of(both).last
     assert "guidance[" in summary.config and "cache[" in summary.config and summary.estimated_speedup >= 2.5
     far = host.patch(model, host.ACCELERATE, {"speedup": 50.0})
     with pytest.raises(ConfigError, match="cannot be reached"):
-        harness.sample(far, steps=20)
+        harness.sample(far, steps=12)
     with pytest.raises(ConfigError, match="target speedup"):
         host.patch(model, host.ACCELERATE, {"speedup": 0.5})
-    assert torch.equal(harness.sample(model, steps=20), base)
+    assert torch.equal(harness.sample(model, steps=12), base)
+
+
+def test_cost_model_prices_sd3_and_wan_attention(host):
+    sd3 = host.ComfyRun(host.Plan({}), harness.build_model("sd3").model.diffusion_model, None, steps=4)
+    assert [(t.path, t.block, t.coef) for t in sd3.cost_model.terms if t.kind == "attention"] == \
+        [("joint_blocks.0.x_block.attn", 0, 4.0 * 128), ("joint_blocks.1.x_block.attn", 1, 4.0 * 128)]
+    wan = host.ComfyRun(host.Plan({}), harness.build_model("wan").model.diffusion_model, None, steps=4)
+    attn = [(t.path, t.kv_streams) for t in wan.cost_model.terms if t.kind == "attention"]
+    assert attn == [(f"blocks.{i}.{kind}", kv) for i in range(2)
+                    for kind, kv in (("self_attn", ("image",)), ("cross_attn", ("text",)))]
+    assert {t.stream for t in wan.cost_model.terms if ".cross_attn.k" in t.path} == {"text"}

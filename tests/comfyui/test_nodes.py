@@ -105,6 +105,6 @@ def test_accelerate_node(comfy, node_pack):
 
     model = harness.build_model("sd15")
     fast = _node(comfy, node_pack, "FastDiffAccelerate").execute(model=model, speedup=2.0).result[0]
-    latent = harness.sample(fast, steps=20)
+    latent = harness.sample(fast, steps=12)
     text = _node(comfy, node_pack, "FastDiffReport").execute(model=fast, latent=latent).result[0]
     assert "accelerate: target 2.00x" in text and host.plan_of(fast).last.estimated_speedup >= 2.0
