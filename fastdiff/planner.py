@@ -67,7 +67,8 @@ class Plan:
 
 def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency: float | None = None,
          target: float | None = None, call: Callable[[], Any] | None = None, tolerance: float = 0.05,
-         max_runs: int = 10, mechanisms: tuple[str, ...] | None = None, calibration: Any = None, **shape) -> Plan:
+         max_runs: int = 10, mechanisms: tuple[str, ...] | None = None, calibration: Any = None, probes: int = 3,
+         **shape) -> Plan:
     """A config for `pipe` at a target cost.
 
     Whole space (`speedup=` or `latency=`): the composition of measured settings with the most expected fidelity
@@ -77,6 +78,9 @@ def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency
     (telemetry, families); `mechanisms` limits the search (e.g. ("cache", "guidance")); `calibration` as in
     `fastdiff.estimate`. Runs no model; raises ConfigError naming the reachable speedups when the target cannot be
     met. The result's `config` is a FastDiffConfig (`to_yaml()`, `strify()`) to reuse without planning again.
+    With `call` (`lambda: pipe(**kwargs)` returning tensors, e.g. output_type="pt" or "latent"), the `probes` best
+    candidates by expected fidelity are refined on the user's own call: one dense run and one run of each, and the
+    one with the highest measured PSNR against the dense output is chosen (`runs`, `trace`: (expected, measured)).
 
     One caching knob (`target=`, FLOPs): the config's cache policy decides which knob is planned: static/delta ->
     cache.interval from the cost model (give the size); residual/easycache -> cache.threshold, tuned on `call`
@@ -85,17 +89,17 @@ def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency
     import fastdiff
 
     if speedup is not None or latency is not None:
-        if target is not None or call is not None:
-            raise ConfigError("plan(speedup=/latency=) plans from the cost model and the measured fidelity table: "
-                              "drop target= and call= (they tune one caching knob)")
+        if target is not None:
+            raise ConfigError("plan(speedup=/latency=) plans the whole space by predicted time: drop target= "
+                              "(it tunes one caching knob by FLOPs)")
         return plan_space(pipe, config, speedup=speedup, latency=latency, tolerance=tolerance,
-                          mechanisms=mechanisms, calibration=calibration, **shape)
+                          mechanisms=mechanisms, calibration=calibration, call=call, probes=probes, **shape)
     if target is None:
         raise ConfigError("plan() needs speedup= or latency= (the whole space, by predicted time) or target= "
                           "(one caching knob of `config`, by FLOPs)")
-    if mechanisms is not None or calibration is not None:
-        raise ConfigError("plan(target=) tunes the given config's cache knob: mechanisms= and calibration= belong "
-                          "to plan(speedup=/latency=)")
+    if mechanisms is not None or calibration is not None or probes != 3:
+        raise ConfigError("plan(target=) tunes the given config's cache knob: mechanisms=, calibration= and probes= "
+                          "belong to plan(speedup=/latency=)")
 
     _check_real("target speedup", target, 1.0, 100.0)
     _check_real("tolerance", tolerance, 0.0, 0.5)
@@ -246,11 +250,19 @@ class Candidate:
 
 def search(options: dict[str, list[Option]], price: Callable[[dict], float], dense_seconds: float,
            budget: float, tolerance: float = 0.0, base_seconds: float | None = None) -> tuple[Candidate, list[str]]:
-    """The composition (at most one option per mechanism) with the highest expected PSNR whose `price(sections)`
-    is at most `budget` (x (1 + tolerance)); among equals, the fastest. Options that do not pay alone (priced at
-    least `base_seconds`, the run with none of them, default `price({})`) or that `price` refuses (ConfigError /
-    FastDiffError) are never picked; the returned notes say which and why. ConfigError naming the reachable
-    speedup range when nothing meets the budget."""
+    """The best of `ranked(..., top=1)`: see there."""
+    found, notes = ranked(options, price, dense_seconds, budget, tolerance, base_seconds, top=1)
+    return found[0], notes
+
+
+def ranked(options: dict[str, list[Option]], price: Callable[[dict], float], dense_seconds: float,
+           budget: float, tolerance: float = 0.0, base_seconds: float | None = None,
+           top: int = 1) -> tuple[list[Candidate], list[str]]:
+    """The `top` compositions (at most one option per mechanism) with the highest expected PSNR whose
+    `price(sections)` is at most `budget` (x (1 + tolerance)), best first; among equals, the fastest. Options that
+    do not pay alone (priced at least `base_seconds`, the run with none of them, default `price({})`) or that
+    `price` refuses (ConfigError / FastDiffError) are never picked; the returned notes say which and why.
+    ConfigError naming the reachable speedup range when nothing meets the budget."""
     notes: list[str] = []
     base = price({}) if base_seconds is None else base_seconds
     kept: dict[str, list[tuple[Option, float]]] = {}
@@ -277,9 +289,14 @@ def search(options: dict[str, list[Option]], price: Callable[[dict], float], den
     limit = budget * (1 + tolerance)
     fastest: Candidate | None = None
     best: Candidate | None = None
+    found: list[Candidate] = []  # feasible, one per fidelity level (the fastest of each), best first
     for combo in combos:
-        if best is not None and compose_psnr(o.psnr for o in combo) < best.psnr:
-            break  # sorted by fidelity: nothing later is better
+        psnr = compose_psnr(o.psnr for o in combo)
+        if best is not None and psnr < best.psnr:
+            found.append(best)
+            best = None
+            if len(found) >= top:
+                break  # sorted by fidelity: nothing later is better
         try:
             t = base if not combo else price({o.mechanism: o.section for o in combo})
         except (ConfigError, FastDiffError) as err:
@@ -290,13 +307,15 @@ def search(options: dict[str, list[Option]], price: Callable[[dict], float], den
             fastest = cand
         if t <= limit and (best is None or t < best.seconds):
             best = cand
-    if best is None:
-        top = dense_seconds / fastest.seconds if fastest else 1.0
+    if best is not None and len(found) < top:
+        found.append(best)
+    if not found:
+        reach = dense_seconds / fastest.seconds if fastest else 1.0
         raise ConfigError(
             f"the target ({dense_seconds / budget:.2f}x, {budget:.4g} s) cannot be reached on this call: predicted "
-            f"reachable range 1.00x-{top:.2f}x ({dense_seconds:.4g} s dense, fastest {fastest.seconds:.4g} s with "
+            f"reachable range 1.00x-{reach:.2f}x ({dense_seconds:.4g} s dense, fastest {fastest.seconds:.4g} s with "
             f"{', '.join(o.label for o in fastest.options) or 'nothing'})" if fastest else "nothing could be priced")
-    return best, notes
+    return found, notes
 
 
 @lru_cache(maxsize=1)
@@ -326,7 +345,7 @@ def options_for(denoiser_class: str, mechanisms=SPACE, table=None) -> dict[str, 
 
 def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, latency: float | None = None,
                tolerance: float = 0.05, mechanisms: tuple[str, ...] | None = None, calibration: Any = None,
-               **shape) -> Plan:
+               call: Callable[[], Any] | None = None, probes: int = 3, **shape) -> Plan:
     """`plan(pipe, speedup=...)` / `plan(pipe, latency=...)`; see `plan`."""
     import fastdiff
 
@@ -337,6 +356,10 @@ def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, l
     else:
         _check_real("latency", latency, 1e-9, 1e9)
     _check_real("tolerance", tolerance, 0.0, 0.5)
+    check_int("probes", probes, 1, 20)
+    if call is not None and not callable(call):
+        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
+                          f"{type(call).__name__}")
     unknown = sorted(set(shape) - set(SHAPE_KEYS))
     if unknown:
         raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
@@ -372,13 +395,54 @@ def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, l
     empty = pricer.estimate(base, stages)
     dense = empty.dense_seconds
     budget = dense / speedup if speedup is not None else latency
-    best, why = search(options, price, dense, budget, tolerance, empty.seconds)
+    found, why = ranked(options, price, dense, budget, tolerance, empty.seconds, top=probes if call else 1)
+    best, runs, trace = found[0], 0, []
+    if call is not None:  # refine on the user's call: the candidate with the best measured PSNR against dense
+        best, trace = _probe(pipe, base, found, call)
+        runs = len(found) + 1
     cfg = base.merged(best.sections())
     est = pricer.estimate(cfg, stages)
     notes += [f"{o.label}: its expected fidelity was measured on {o.basis}, no {type(pricer.denoiser).__name__}"
               for o in best.options if not o.same_class]
-    return Plan(cfg, dense / budget, dense / est.seconds, "space", best.psnr, 0, [], est.seconds, dense, best.psnr,
-                best.accuracy, tuple(o.label for o in best.options), pricer.calibration.source, tuple(notes + why))
+    return Plan(cfg, dense / budget, dense / est.seconds, "space", best.psnr, runs, trace, est.seconds, dense,
+                best.psnr, best.accuracy, tuple(o.label for o in best.options), pricer.calibration.source,
+                tuple(notes + why))
+
+
+def _probe(pipe: Any, base: FastDiffConfig, found: list[Candidate], call: Callable[[], Any]):
+    """Run `call` dense and with each candidate; the one closest to dense (PSNR over the dense output's range)."""
+    import fastdiff
+
+    with torch.no_grad():
+        dense = _as_tensor(call()).float()
+        trace = []
+        for cand in found:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # apply prices at the default size; this was priced at the call's
+                with fastdiff.accelerated(pipe, base.merged(cand.sections())):
+                    out = _as_tensor(call()).float()
+            if out.shape != dense.shape:
+                raise ConfigError(f"plan: the call returned {tuple(out.shape)} with {cand.sections()} and "
+                                  f"{tuple(dense.shape)} without: the call must make the same output each time")
+            mse = float(((out - dense) ** 2).mean())
+            span = float(dense.max() - dense.min()) or 1.0
+            trace.append((cand.psnr, math.inf if mse == 0 else 10 * math.log10(span ** 2 / mse)))
+    best = max(range(len(found)), key=lambda i: (trace[i][1], -found[i].seconds))
+    return found[best], trace
+
+
+def _as_tensor(out: Any) -> torch.Tensor:
+    """A pipeline call's output as one tensor (`.images` / `.frames` / the first of a tuple)."""
+    import numpy as np
+
+    for value in (out, getattr(out, "images", None), getattr(out, "frames", None),
+                  out[0] if isinstance(out, (tuple, list)) and out else None):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+    raise ConfigError(f"plan(call=...): the call returned {type(out).__name__}, not tensors; call the pipeline with "
+                      "output_type='pt' (or 'latent', or 'np')")
 
 
 def _guidance_applies(pricer, cfg: bool) -> bool:

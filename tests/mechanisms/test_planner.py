@@ -187,3 +187,29 @@ def test_the_eval_cli_plans_its_speedup_and_latency_configs_for_its_call():
     assert name == "plan-2x" and cfg == p.config
     with pytest.raises(SystemExit, match="--speedup 100: .*reachable range"):
         cli.configs(Namespace(**{**vars(args), "speedup": [100.0]}))
+
+
+def test_the_ranking_gives_the_best_compositions_in_order_of_expected_fidelity():
+    from fastdiff.planner import ranked
+
+    options, price = _table()
+    found, _ = ranked(options, price, dense_seconds=1.0, budget=0.5, top=3)
+    assert [[o.label for o in c.options] for c in found] == [["cache: a"], ["cache: a", "merge: m"], ["cache: b"]]
+    assert [c.psnr for c in found] == sorted((c.psnr for c in found), reverse=True)
+
+
+def test_probe_runs_refine_the_plan_on_the_users_call(pixart):
+    pipe = pixart
+    kw = lambda: tiny.pipeline_kwargs("pixart", steps=8)  # noqa: E731
+    size = dict(height=32, width=32, steps=8)
+    with torch.no_grad():
+        dense = tiny.output_tensor(pipe(**kw()))
+    p = fastdiff.plan(pipe, speedup=1.5, call=lambda: pipe(**kw()), probes=2, **size)
+    assert p.runs == 3 and len(p.trace) == 2 and fastdiff.session_of(pipe) is None
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fastdiff.accelerated(pipe, p.config):
+                out = tiny.output_tensor(pipe(**kw()))
+    measured = 10 * torch.log10((dense.max() - dense.min()) ** 2 / ((out - dense) ** 2).mean()).item()
+    assert measured == pytest.approx(max(t[1] for t in p.trace), rel=1e-5)  # the chosen one is the best measured
