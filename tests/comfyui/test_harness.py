@@ -185,3 +185,23 @@ def test_ref_flux_loads_into_comfy_flux_and_samples_its_digits():
     out = harness.sample(model, "flux", steps=6, cfg=3.0, conditioning=harness.reference_conds(pipe, labels),
                          latent=torch.zeros(2, 1, 32, 32))
     assert timing.class_accuracy("ref-flux")(((out + 1) / 2).clamp(0, 1)) == 1.0
+
+
+def test_comfy_easycache_writes_into_the_model_input_on_fp32_flow_models(comfy):
+    """Why bench_comfyui has an "input copied" EasyCache row: ComfyUI 0.3.75's EasyCache adds its cached difference
+    into the diffusion model's input in place on a skipped step, and on a float32 flow model that tensor is also the
+    sampler's model_input, so the skipped step's denoised output is wrong. With the input copied first (what a
+    fp16/bf16 run's cast does) the same skips stay close to the uncached run. If ComfyUI fixes it, this fails."""
+    from fastdiff.eval.bench_comfyui import _copy_input
+    from fastdiff.eval.metrics import psnr
+
+    easycache = harness.load_comfy_node("nodes_easycache.py").EasyCacheNode
+    model = harness.build_model("flux")
+    base = harness.sample(model, steps=10)
+    copied = model.clone()
+    copied.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "copy_input", _copy_input)
+    settings = dict(reuse_threshold=0.2, start_percent=0.0, end_percent=1.0, verbose=False)
+    shipped = harness.sample(easycache.execute(model, **settings).result[0], steps=10)
+    fixed = harness.sample(easycache.execute(copied, **settings).result[0], steps=10)
+    span = float(base.max() - base.min())
+    assert psnr(fixed, base, span) > psnr(shipped, base, span) + 10
