@@ -162,6 +162,11 @@ def _outer_sample(executor, *args, **kwargs):
     finally:
         guider.model_options = options
         plan.last, plan.report = run.close()
+        warned = {n.split()[2] for n in plan.notes}  # "fastdiff: the <name> setting ..."
+        idle = [n for n in run.idle() if n.split()[2] not in warned]
+        for note in idle:
+            log.warning(note)
+        plan.notes += idle
         log.info(plan.report)
         print(plan.report)
 
@@ -411,6 +416,18 @@ class ComfyRun:
                 continue
             if mechanism.estimate_cost(dense).flops >= dense.flops:
                 notes.append(_nothing(mechanism.name, self.config, self.steps, cfg))
+        return notes
+
+    def idle(self) -> list[str]:
+        """After the run: the sections that skipped nothing in it (e.g. an EasyCache threshold this model's changes
+        never fall under), which the check before the run could not know."""
+        notes = []
+        for mechanism in self.mechanisms:
+            if mechanism.name == "telemetry" or not self.records:
+                continue
+            if all(r.decisions.get(mechanism.name, "compute") == "compute" for r in self.records):
+                notes.append(f"fastdiff: the {mechanism.name} setting skipped nothing in this run "
+                             f"({len(self.records)} model calls, config {getattr(self.config, mechanism.name).strify()})")
         return notes
 
     def close(self) -> tuple[Summary, str]:

@@ -255,3 +255,21 @@ def test_cost_model_prices_sd3_and_wan_attention(host):
     assert attn == [(f"blocks.{i}.{kind}", kv) for i in range(2)
                     for kind, kv in (("self_attn", ("image",)), ("cross_attn", ("text",)))]
     assert {t.stream for t in wan.cost_model.terms if ".cross_attn.k" in t.path} == {"text"}
+
+
+def test_a_threshold_that_skips_nothing_says_so_after_the_run(host):
+    model = harness.build_model("flux")
+    base = harness.sample(model, steps=STEPS)
+    never = host.patch(model, "cache", {"policy": "easycache", "threshold": 0.0, "start": 0.0, "end": 1.0})
+    assert torch.equal(harness.sample(never, steps=STEPS), base)
+    notes = host.plan_of(never).notes
+    assert len(notes) == 1 and "cache setting skipped nothing in this run (8 model calls" in notes[0]
+
+
+def test_second_order_sampler_counts_its_calls_in_steps(host):
+    model = harness.build_model("sd15")
+    patched = host.patch(model, "cache", STATIC)
+    out = harness.sample(patched, steps=4, sampler="heun")  # two calls a step but the last
+    summary = host.plan_of(patched).last
+    assert torch.isfinite(out).all()
+    assert summary.calls == 7 and summary.steps == 4 and [r.calls for r in summary.per_step] == [1, 2, 2, 2]
