@@ -1,13 +1,13 @@
 """The ComfyUI host: fastdiff's mechanisms on ComfyUI's own models, through ComfyUI's public patch API only.
 
 `patch(model, section, settings)` returns a clone of a ComfyUI `ModelPatcher` carrying a `Plan` (the config
-sections asked for, in step fractions) and four kinds of patches, all on the clone's `model_options`:
+sections asked for, in step fractions) and these patches, all on the clone's `model_options`:
 - an `OUTER_SAMPLE` wrapper opens a `ComfyRun` per sampling run (the config for the run's step count, fresh
   mechanisms, their per-call state, the records) in a copy of the guider's model options, and closes it in
   `finally` (state dropped, the report printed and kept on the plan);
 - a `DIFFUSION_MODEL` wrapper is the step clock: `transformer_options["sample_sigmas"]` / `["sigmas"]` give the
   step, `["cond_or_uncond"]` each batch row's CFG branch; hooks on the whole model (a UNet's cache, guidance
-  skipping) run inside it;
+  skipping) run inside it (a model without that wrapper point, SD3's MMDiT, is clocked at `APPLY_MODEL`);
 - `set_model_patch_replace(..., "dit", "double_block" | "single_block", i)` for each DiT block a mechanism wraps
   (chaining to a replace patch another node set there before).
 Nothing is set on the diffusion model, which every clone shares: the input MODEL computes exactly what it did, and
@@ -127,16 +127,16 @@ def patch(model, section: str, settings: dict) -> Any:
     for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, _outer_sample), clock):
         if not clone.get_wrappers(kind, KEY):  # an earlier fastdiff node's clone has them already
             clone.add_wrapper_with_key(kind, KEY, wrapper)
-    replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
     patches = comfy_adapters.PATCHES[dry.adapter.name]
     for block in dry.adapter.blocks:
         bp = patches[block.kind]
         if bp.patch is None or block.path not in dry.hooks:
             continue
-        key = (bp.patch, int(block.path.rsplit(".", 1)[1]))
-        before = replace.get(key)
+        index = int(block.path.rsplit(".", 1)[1])
+        before = clone.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(
+            (bp.patch, index))
         before = getattr(before, "__fastdiff_before__", before)  # ours from an earlier node: what it chained to
-        replace[key] = _block_patch(block.path, bp, before)
+        clone.set_model_patch_replace(_block_patch(block.path, bp, before), "dit", bp.patch, index)
     return clone
 
 
@@ -167,8 +167,7 @@ def _outer_sample(executor, *args, **kwargs):
         for note in idle:
             log.warning(note)
         plan.notes += idle
-        log.info(plan.report)
-        print(plan.report)
+        print(plan.report)  # what ComfyUI's console shows after the sampler's progress bar
 
 
 def _text_tokens(guider) -> int | None:
@@ -311,8 +310,9 @@ class ComfyRun:
 
     # -- the clock --------------------------------------------------------------------------------------
     def _step_of(self, sigma: float) -> int:
-        """The step whose interval [sigma_i, sigma_i+1) holds `sigma` (a second-order sampler's extra calls
-        are its step's calls); ComfyUI's sigmas run down."""
+        """The step i whose interval (sigma_i+1, sigma_i] of the schedule holds `sigma` (ComfyUI's sigmas run down):
+        a call between two schedule sigmas is its step's; a second-order sampler's call at the next sigma (Heun's
+        corrector) is counted in the next step, as another call slot."""
         down = [-s for s in self.sigmas[:-1]]
         i = bisect.bisect_right(down, -sigma * (1 - 1e-5)) - 1
         return min(max(i, 0), self.steps - 1)
