@@ -273,3 +273,20 @@ def test_second_order_sampler_counts_its_calls_in_steps(host):
     summary = host.plan_of(patched).last
     assert torch.isfinite(out).all()
     assert summary.calls == 7 and summary.steps == 4 and [r.calls for r in summary.per_step] == [1, 2, 2, 2]
+
+
+def test_lora_on_a_patched_clone(host):
+    """A LoRA-style weight patch on a clone of our clone (what a LoRA loader downstream does) applies under the
+    cache, and leaves both our clone and the input model computing what they did."""
+    model = harness.build_model("flux")
+    base = harness.sample(model, steps=STEPS)
+    cached = host.patch(model, "cache", STATIC)
+    out = harness.sample(cached, steps=STEPS)
+    key = "diffusion_model.double_blocks.0.img_mlp.0.weight"
+    weight = model.model.state_dict()[key].clone()
+    lora = cached.clone()
+    lora.add_patches({key: (torch.full_like(weight, 0.05),)}, 1.0)  # a "diff" patch: weight + 0.05
+    assert not torch.equal(harness.sample(lora, steps=STEPS), out)
+    assert host.plan_of(lora).last.per_step[2].decisions == ["cache=reuse"]  # the clone keeps the cache
+    assert torch.equal(harness.sample(cached, steps=STEPS), out)
+    assert torch.equal(harness.sample(model, steps=STEPS), base) and torch.equal(model.model.state_dict()[key], weight)
