@@ -16,6 +16,7 @@ their threshold on the user's own call until the run's accounted FLOPs speedup r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -209,11 +210,11 @@ SPACE = ("bottleneck", "cache", "guidance", "merge", "sparse")  # mechanisms the
 
 @dataclass(frozen=True)
 class Option:
-    """One setting of one mechanism and its expected fidelity (`section` None: the mechanism off)."""
+    """One setting of one mechanism (its config section) and its expected fidelity."""
 
     mechanism: str
     name: str
-    section: dict | None
+    section: dict
     psnr: float = math.inf  # dB against dense
     accuracy: float | None = 1.0
     basis: str = ""  # which measured points it rests on
@@ -245,7 +246,8 @@ class Candidate:
         return math.prod(known) if known else None
 
     def sections(self) -> dict:
-        return {o.mechanism: dict(o.section) for o in self.options}
+        """The config sections, copied (the shipped table is shared by every plan)."""
+        return {o.mechanism: copy.deepcopy(o.section) for o in self.options}
 
 
 def search(options: dict[str, list[Option]], price: Callable[[dict], float], dense_seconds: float,
