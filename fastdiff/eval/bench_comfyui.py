@@ -41,6 +41,7 @@ def _arms_spec() -> list[tuple[str, str, dict, bool]]:
                      dict(policy="easycache", threshold=t, start_percent=START, end_percent=END), False))
     arms.append(("fastdiff static interval 2", "FastDiffCache",
                  dict(policy="static", interval=2, start_percent=START, end_percent=END), False))
+    arms.append(("fastdiff Accelerate 2x", "FastDiffAccelerate", dict(speedup=2.0), False))
     return arms
 
 
@@ -156,8 +157,10 @@ def run(args):
 
     wrappers = harness.load_comfy().patcher_extension.WrappersMP
 
+    from fastdiff.errors import FastDiffError
+
     classify = timing.class_accuracy("ref-flux")
-    rows = []
+    rows, refused = [], []
     for wl in workloads(harness, args):
         counted = []
         handle = wl.last_block.register_forward_hook(lambda *a: counted.append(1))
@@ -175,6 +178,14 @@ def run(args):
                                      conditioning=wl.conditioning, latent=wl.latent)
                 out = out if wl.to_images is None else wl.to_images(out)
                 return out.float(), len(counted)
+
+            if node == "FastDiffAccelerate":  # a target out of reach stops the run: find out before timing
+                try:
+                    call(None)
+                except FastDiffError as e:
+                    print(f"{wl.name:<9} {name}: refused: {e}", flush=True)
+                    refused.append((wl.name, name, str(e)))
+                    continue
 
             arms.append(timing.Arm(name, call))
             meta[name] = dict(model=wl.name, method=name, node=node or "-", config=json.dumps(settings),
@@ -201,14 +212,15 @@ def run(args):
                   f"PSNR {r['psnr']:6.2f}  computed {r['computed']}"
                   + (f"  acc {r['accuracy']:.2f}" if r.get("accuracy") is not None else ""), flush=True)
         rows += part
-    return rows, harness
+    return rows, refused, harness
 
 
-def write(rows, harness, args, out: Path) -> None:
+def write(rows, refused, harness, args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     wl = argparse.Namespace(describe="; ".join(dict.fromkeys(r["workload"] for r in rows)),
                             trained="ref-flux" in args.models)
-    env = timing.environment("fastdiff.eval.bench_comfyui", wl, comfyui=harness.load_comfy().version)
+    env = timing.environment("fastdiff.eval.bench_comfyui", wl, comfyui=harness.load_comfy().version,
+                             refused=[f"{m}, {name}: {why}" for m, name, why in refused])
     keys = ["model", "method", "node", "computed", *timing.RESULT_KEYS, "config", "note"]
     timing.write_results(out, env, rows, keys)
     lines = ["# ComfyUI: fastdiff's caching nodes vs ComfyUI's EasyCache", "",
@@ -225,6 +237,9 @@ def write(rows, harness, args, out: Path) -> None:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
         lines.append(f"| {r['model']} | {r['method']} | {r['computed']} | {timing.time_cell(r)} | "
                      f"{timing.speed_cell(r)} | {fl} | {r['psnr']:.2f} | {r['ssim']:.4f} | {acc} | `{r['config']}` |")
+    if refused:
+        lines += ["", "Not run (the node refused the run before it started):", "",
+                  *(f"- {m}, {name}: {why}" for m, name, why in refused)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -246,8 +261,8 @@ def main(argv=None) -> None:
         ap.error(f"unknown models {sorted(unknown)}; choose from flux, sd15, ref-flux")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, harness = run(args)
-    write(rows, harness, args, args.out)
+    rows, refused, harness = run(args)
+    write(rows, refused, harness, args, args.out)
     print(f"wrote {args.out}/README.md, results.json, results.csv")
 
 

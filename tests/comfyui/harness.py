@@ -148,7 +148,6 @@ def load_comfy() -> types.SimpleNamespace:
         import comfy.samplers
         import comfy.supported_models
         import comfy.utils
-        import comfy_extras  # noqa: F401
         import execution
         import nodes
         from comfy_api.latest import ComfyExtension
@@ -397,11 +396,12 @@ def sample(model, family: str | Family | None = None, seed: int = 0, steps: int 
     noise = c.sample.prepare_noise(latent, seed)
     positive, negative = conds(rec, seed if cond_seed is None else cond_seed, batch) if conditioning is None \
         else conditioning
-    return c.sample.sample(
-        model, noise, rec.steps if steps is None else steps, rec.cfg if cfg is None else cfg,
-        sampler or rec.sampler, scheduler or rec.scheduler, positive, negative, latent, denoise=denoise,
-        callback=callback, disable_pbar=True, seed=seed,
-    )
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return c.sample.sample(
+            model, noise, rec.steps if steps is None else steps, rec.cfg if cfg is None else cfg,
+            sampler or rec.sampler, scheduler or rec.scheduler, positive, negative, latent, denoise=denoise,
+            callback=callback, disable_pbar=True, seed=seed,
+        )
 
 
 def sample_with(model, ksampler, sigmas: torch.Tensor, family: str | Family | None = None, seed: int = 0,
@@ -413,8 +413,9 @@ def sample_with(model, ksampler, sigmas: torch.Tensor, family: str | Family | No
     latent = empty_latent(rec, batch, size)
     noise = c.sample.prepare_noise(latent, seed)
     positive, negative = conds(rec, seed, batch)
-    return c.sample.sample_custom(model, noise, rec.cfg if cfg is None else cfg, ksampler, sigmas, positive,
-                                  negative, latent, disable_pbar=True, seed=seed)
+    with torch.inference_mode():
+        return c.sample.sample_custom(model, noise, rec.cfg if cfg is None else cfg, ksampler, sigmas, positive,
+                                      negative, latent, disable_pbar=True, seed=seed)
 
 
 def sigmas(model, family: str | Family | None = None, steps: int | None = None, scheduler: str | None = None):

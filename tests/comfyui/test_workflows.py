@@ -9,6 +9,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from tests.comfyui import harness
 
@@ -133,3 +134,37 @@ def test_workflows_are_plain_api_format():
                 if isinstance(value, list):  # a link: [source node id, output index]
                     assert len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
+
+
+def _model_chain(workflow: dict, node_id: str) -> list[str]:
+    """The nodes a MODEL passes through on its way into `node_id`, loader first."""
+    chain = []
+    link = workflow[node_id]["inputs"]["model"]
+    while True:
+        chain.insert(0, link[0])
+        upstream = workflow[link[0]]["inputs"].get("model")
+        if not isinstance(upstream, list):
+            return chain
+        link = upstream
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_WORKFLOWS))
+def test_workflow_runs_on_the_tiny_model(comfy, registry, family):
+    """The workflow's model chain (ModelSamplingSD3, our nodes, with the workflow's own settings) and its KSampler
+    settings run on the family's tiny ComfyUI model in place of the loaded one, and the report node reads the run."""
+    from fastdiff.eval.bench_comfyui import run_node
+
+    workflow = _workflow(FAMILY_WORKFLOWS[family])
+    sampler_id = next(i for i, n in workflow.items() if n["class_type"] == "KSampler")
+    ks = workflow[sampler_id]["inputs"]
+    model = harness.build_model(family)
+    for node_id in _model_chain(workflow, sampler_id)[1:]:  # the loader's MODEL is the tiny model
+        node = workflow[node_id]
+        inputs = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+        model = run_node(harness, node["class_type"], model=model, **inputs)[0]
+    out = harness.sample(model, family, seed=ks["seed"], steps=ks["steps"], cfg=ks["cfg"], sampler=ks["sampler_name"],
+                         scheduler=ks["scheduler"])
+    assert torch.isfinite(out).all()
+    report, latent = run_node(harness, "FastDiffReport", model=model, latent={"samples": out})
+    assert latent["samples"] is out
+    assert f"{ks['steps']} steps" in report
