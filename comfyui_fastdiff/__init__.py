@@ -1,4 +1,5 @@
-"""fastdiff for ComfyUI: training-free acceleration nodes (step caching, CFG skipping, a report of what ran), each
+"""fastdiff for ComfyUI: training-free acceleration nodes (step caching, CFG skipping, token merging, a target
+speedup, a report of what ran), each
 MODEL -> MODEL on a clone, through ComfyUI's public patch API only (`fastdiff.integrations.comfyui`).
 
 Install: put this folder under `ComfyUI/custom_nodes/` with the `fastdiff` package installed in ComfyUI's Python.

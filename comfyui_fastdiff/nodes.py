@@ -60,6 +60,15 @@ def _cfg_skip(model, start_percent, mode, threshold):
     return (host.patch(model, "guidance", {"start": start_percent, "mode": mode, "threshold": threshold}),)
 
 
+def _merge(model, method, ratio, factor, targets, max_downsample, start_percent, end_percent):
+    settings = {"method": method, "ratio": ratio, "factor": factor, "max_downsample": int(max_downsample),
+                "targets": TARGETS[targets], "start": start_percent, "stop": end_percent}
+    return (host.patch(model, "merge", settings),)
+
+
+TARGETS = {"self": ["self_attention"], "self+cross": ["self_attention", "cross_attention"]}
+
+
 def _accelerate(model, speedup):
     return (host.patch(model, host.ACCELERATE, {"speedup": speedup}),)
 
@@ -107,6 +116,27 @@ NODES = (
           Input("threshold", "float", "converged mode: the cosine similarity the two predictions must reach.", 0.99,
                 0.0, 1.0, 0.001)),
          MODEL_OUT, _cfg_skip),
+    Node("FastDiffTokenMerge", "fastdiff Token Merge",
+         "Token merging on SD1.x / SD2.x / SDXL UNets (ToMe / ToDo, through ComfyUI's attention patches): similar "
+         "image tokens are merged before self-attention and unmerged after it, so attention runs on fewer tokens; "
+         "the report counts the tokens merged. Other models are refused by name.",
+         (MODEL_IN,
+          Input("method", "combo", "'tome' merges the most similar image tokens before attention and unmerges its "
+                "output (ToMe-SD); 'todo' keeps every query and pools the keys/values factor x factor (ToDo).",
+                "tome", options=("tome", "todo")),
+          Input("ratio", "float", "tome: fraction of the image tokens merged away (0 merges nothing).", 0.5, 0.0,
+                0.9, 0.01),
+          Input("factor", "int", "todo: keys/values pooled factor x factor (about 1/factor^2 of the keys).", 2, 2,
+                4, 1),
+          Input("targets", "combo", "tome: merge around self-attention only, or around cross-attention too.",
+                "self", options=tuple(TARGETS)),
+          Input("max_downsample", "combo", "Merge at the UNet levels downsampled at most this much relative to "
+                "the finest level with attention (1: only the finest, as tomesd; 2, 4, 8: deeper ones too).", "1",
+                options=("1", "2", "4", "8")),
+          Input("start_percent", "float", "Fraction of the steps from which tokens are merged.", 0.0, 0.0, 1.0, 0.01),
+          Input("end_percent", "float", "Fraction of the steps after which every token runs again (fine detail).",
+                1.0, 0.0, 1.0, 0.01)),
+         MODEL_OUT, _merge),
     Node("FastDiffAccelerate", "fastdiff Accelerate",
          "A target speedup instead of settings: at each run fastdiff's planner picks, from the settings measured "
          "on its reference models, the caching and CFG-skipping with the most expected fidelity whose predicted "

@@ -20,7 +20,7 @@ import torch
 
 from ..context import COND, UNCOND, UNKNOWN, TokenLayout
 from ..errors import UnsupportedModelError
-from .base import AttentionOp, BlockAdapter, BlockList, FamilySpec, IOPattern
+from .base import AttentionOp, BlockAdapter, BlockList, FamilySpec, IOPattern, TokenModule, TokenSite
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ UNET = FamilySpec(
     row_branches=_row_branches,
     streams=((r"^time_embed|^label_emb|\.emb_layers\.", "global"), (r"attn2\.to_(k|v)\b", "text")),
     level=_unet_level,
+    # the BasicTransformerBlocks of its SpatialTransformers: ComfyUI calls patches before / after attn1 and attn2
+    # (`attn1_patch` gets the normed tokens as queries and keys/values, `context` being CrossAttention's key input)
+    attention=(TokenSite(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.transformer_blocks\.\d+$",
+                         (TokenModule("attn1", "self_attention", kv_arg="context"),
+                          TokenModule("attn2", "cross_attention"), TokenModule("ff", "mlp"))),),
     text_tokens=77,
     text_position="cross",
 )

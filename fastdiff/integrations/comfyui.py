@@ -9,12 +9,14 @@ sections asked for, in step fractions) and these patches, all on the clone's `mo
   step, `["cond_or_uncond"]` each batch row's CFG branch; hooks on the whole model (a UNet's cache, guidance
   skipping) run inside it (a model without that wrapper point, SD3's MMDiT, is clocked at `APPLY_MODEL`);
 - `set_model_patch_replace(..., "dit", "double_block" | "single_block", i)` for each DiT block a mechanism wraps
-  (chaining to a replace patch another node set there before).
+  (chaining to a replace patch another node set there before);
+- token merging on a UNet: ComfyUI's attn1/attn2 patches before and after each attention (`comfyui_tokens`).
 Nothing is set on the diffusion model, which every clone shares: the input MODEL computes exactly what it did, and
 two clones or two queue items never share a run. `forward_orig` and ComfyUI's classes are never touched.
 
 A `ComfyRun` is the mechanisms' `Host` (`fastdiff.host`): it wraps the diffusion model and its blocks, and refuses
-any other submodule (token merging and sparse attention reach attention through other ComfyUI hooks, not here yet).
+any other submodule (token merging reaches attention through ComfyUI's attention patches instead, driving the
+merge mechanism's split form: `comfyui_tokens.TokenPatches`).
 
 Only the node pack (`comfyui_fastdiff`) imports this module; it imports ComfyUI lazily, when a model is patched.
 """
@@ -41,6 +43,7 @@ from ..errors import ConfigError, FastDiffError, UnsupportedModelError
 from ..host import Call, Hook, run_rows
 from ..mechanisms import registry
 from ..summary import Summary
+from .comfyui_tokens import TokenPatches, install as install_token_patches, refuse as refuse_tokens
 
 KEY = "fastdiff"  # transformer_options key of the clone's Plan, and the wrappers' key
 RUN_KEY = "fastdiff_run"  # transformer_options key of the run in progress (in the guider's copy of the options)
@@ -127,6 +130,8 @@ def patch(model, section: str, settings: dict) -> Any:
     for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, _outer_sample), clock):
         if not clone.get_wrappers(kind, KEY):  # an earlier fastdiff node's clone has them already
             clone.add_wrapper_with_key(kind, KEY, wrapper)
+    if dry.tokens is not None:
+        install_token_patches(clone)
     patches = comfy_adapters.PATCHES[dry.adapter.name]
     for block in dry.adapter.blocks:
         bp = patches[block.kind]
@@ -271,10 +276,16 @@ class ComfyRun:
         self.records: list[CallRecord] = []
         self.current: Call | None = None
         self._step, self._calls = -1, 0
+        self.tokens: TokenPatches | None = None  # token merging, through ComfyUI's attention patches
         for mechanism in self.mechanisms:
+            if mechanism.name == "merge":
+                refuse_tokens(mechanism, self.adapter)
             mechanism.validate(self.adapter)
         for mechanism in self.mechanisms:  # innermost first, as a session attaches them
-            mechanism.attach(self.adapter, self)
+            if mechanism.name == "merge":  # ComfyUI reaches attention only through patches before and after it
+                self.tokens = TokenPatches(self, mechanism)
+            else:
+                mechanism.attach(self.adapter, self)
 
     @property
     def cost_model(self) -> CostModel:
@@ -439,6 +450,11 @@ class ComfyRun:
         for mechanism in self.mechanisms:
             mechanism.detach()
         text = report(summary)
+        if self.tokens is not None:
+            merged, total, calls = self.tokens.tokens_merged(self.records)
+            text += (f"\n  merge: {merged} of {total} image tokens merged away (per sample, summed over the merged "
+                     f"attention submodules of {calls} of {len(self.records)} calls)" if calls else
+                     "\n  merge: no tokens merged in this run")
         if self.planned:
             text += f"\n  accelerate: {self.planned}"
         return summary, text

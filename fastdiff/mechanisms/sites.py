@@ -34,7 +34,8 @@ def find(adapter: BlockAdapter) -> list[Site]:
         site = next((s for s in spec.attention if re.search(s.blocks, path)), None)
         if site is None:
             continue
-        block = next((b.index for b in adapter.blocks if path == b.path or path.startswith(b.path + ".")), None)
+        block = next((b.index for b in adapter.blocks  # a block whose path is "" is the whole model (a ComfyUI UNet)
+                      if not b.path or path == b.path or path.startswith(b.path + ".")), None)
         if block is None:
             continue  # not inside a block the adapter knows (nothing would account for it)
         level = spec.level(path, denoiser) if spec.level else 0

@@ -190,8 +190,8 @@ def test_refusals_come_before_anything_is_patched(host):
         host.patch(model, "cache", {**STATIC, "start": 0.8, "end": 0.2})
     with pytest.raises(ConfigError, match="interval"):
         host.patch(model, "cache", {**STATIC, "interval": 0})
-    with pytest.raises(UnsupportedModelError, match="token merging"):  # not through the ComfyUI host yet
-        host.patch(model, "merge", {"ratio": 0.5})
+    with pytest.raises(UnsupportedModelError, match="no ComfyUI patch around them"):  # ComfyUI patches no MLP
+        host.patch(model, "merge", {"ratio": 0.5, "targets": ["self_attention", "mlp"]})
     assert repr(model.model_options) == options and not model.wrappers
     sd3 = harness.build_model("sd3")  # its MMDiT has no DIFFUSION_MODEL wrapper: nothing wraps the whole model
     with pytest.raises(UnsupportedModelError, match="no DIFFUSION_MODEL wrapper point"):

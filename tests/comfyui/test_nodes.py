@@ -9,7 +9,7 @@ from tests.comfyui import harness
 pytestmark = pytest.mark.usefixtures("comfy")
 
 STEPS = 8
-IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffAccelerate", "FastDiffReport")
+IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffTokenMerge", "FastDiffAccelerate", "FastDiffReport")
 
 
 def _node(comfy, node_pack, node_id):

@@ -343,6 +343,35 @@ class TokenMerge(Mechanism):
         call.record.reductions[site.path] = Reduction(plan.query, plan.keys, plan.extra)
         plan.extra = 0.0  # the matching is charged once per grid
 
+    # -- the hooks split in two, for a host that reaches a submodule only through patches before and after it
+    # (ComfyUI's attn1/attn2 patches) and so cannot hand over `inner`: the same plan, merge, record and unmerge
+    # the hooks below run around the submodule.
+    def attach_split(self, adapter, host) -> list[_sites.Site]:
+        """Bind `host` (its per-call state) and return the submodules to merge around; the host then calls
+        `split_in` before each and `split_out` after it. The block-input metric hook is not installed: the
+        matching's metric is then the submodule's own image input (what ComfyUI's ToMe node matches on)."""
+        self.host, self.adapter = host, adapter
+        return self.sites(adapter)
+
+    def split_in(self, call, site, image: torch.Tensor):
+        """Before `site` runs on the (B, N, C) image tokens `image`: (its queries' input, its own keys' input, the
+        plan to hand to `split_out`); a None plan: this call leaves the site unmerged (inputs returned as given).
+        tome: both inputs are the merged tokens; todo: every query stays, the keys are the pooled tokens."""
+        plan = self._plan(call, site, image)
+        if plan is None:
+            return image, image, None
+        if self.config.method == "todo":
+            return image, _todo.pool(image, plan.grid, self.config.factor), plan
+        merged = plan.merge(image)
+        return merged, merged, plan
+
+    def split_out(self, call, site, out: torch.Tensor, plan: MergePlan | None) -> torch.Tensor:
+        """After `site` ran under `plan`: the call records the tokens it ran on, and the output is unmerged."""
+        if plan is None:
+            return out
+        self._record(call, site, plan)
+        return out if self.config.method == "todo" else plan.unmerge(out)
+
     def _tome_hook(self, site):
         args_of = Args(site.module)
         spec = site.spec
