@@ -2,6 +2,7 @@
 unpatched baseline, on ComfyUI's own models, side by side in one process (same seeds, timed interleaved).
 
     python -m fastdiff.eval.bench_comfyui --threads 1 --out eval/results/comfyui
+    python -m fastdiff.eval.bench_comfyui --models flux --batch 1 --steps 6 --size 8 --repeats 1 --out /tmp/x  # smoke
 
 Models: a small random-weight ComfyUI Flux and SD1.5 UNet (for time only: their outputs mean nothing, PSNR is to
 the baseline's output over its value range) and `ref-flux`, fastdiff's trained flow-matching Flux loaded into
@@ -115,8 +116,8 @@ def workloads(harness, args) -> list[Workload]:
         n = sum(p.numel() for p in dm.parameters())
         out.append(Workload(
             rec.name.split("-")[0], f"random-weight ComfyUI {rec.model} ({n / 1e6:.1f} M parameters), latent "
-            f"{list(rec.latent)} x {args.samples}, {args.steps} steps, cfg {rec.cfg}, {rec.sampler}/{rec.scheduler}",
-            False, model, rec, harness.conds(rec, args.seed, args.samples), harness.empty_latent(rec, args.samples),
+            f"{list(rec.latent)} x {args.batch}, {args.steps} steps, cfg {rec.cfg}, {rec.sampler}/{rec.scheduler}",
+            False, model, rec, harness.conds(rec, args.seed, args.batch), harness.empty_latent(rec, args.batch),
             args.steps, rec.cfg, last))
     if "ref-flux" in args.models:
         model, pipe = harness.build_reference("ref-flux")
@@ -247,7 +248,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="flux,sd15,ref-flux", type=lambda s: s.split(","),
                     help="comma-separated: flux, sd15 (random weights), ref-flux (trained)")
-    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=10, help="ref-flux samples (class i %% 10)")
+    ap.add_argument("--batch", type=int, default=2, help="batch of the random-weight models")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=32, help="latent side of the random-weight models")
     ap.add_argument("--ref-cfg", type=float, default=3.0)
