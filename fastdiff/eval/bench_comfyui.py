@@ -1,5 +1,6 @@
-"""ComfyUI benchmark: fastdiff's caching nodes against ComfyUI core's own EasyCache node at equal settings, and the
-unpatched baseline, on ComfyUI's own models, side by side in one process (same seeds, timed interleaved).
+"""ComfyUI benchmark: fastdiff's caching nodes against ComfyUI core's own EasyCache node at equal settings (and our
+token merging against core's TomePatchModel on SD1.5), our Accelerate node, and the unpatched baseline, on ComfyUI's
+own models, side by side in one process (same seeds, timed interleaved).
 
     python -m fastdiff.eval.bench_comfyui --threads 1 --out eval/results/comfyui
     python -m fastdiff.eval.bench_comfyui --models flux --batch 1 --steps 6 --size 8 --repeats 1 --out /tmp/x  # smoke
@@ -9,7 +10,8 @@ the baseline's output over its value range) and `ref-flux`, fastdiff's trained f
 ComfyUI's Flux through ComfyUI's own diffusers key conversion (10 digits, CFG 3: PSNR on images in [0, 1] and the
 reference classifier's class accuracy). Every row is the MODEL a node returned, sampled by `comfy.sample.sample`
 (the KSampler node's code). "computed" is the steps at which the model's last block ran; the FLOPs bound is
-fastdiff's own accounting of the run for our nodes and steps / computed for EasyCache (which skips the whole model).
+fastdiff's own accounting of the run for our nodes and steps / computed for EasyCache (which skips the whole model);
+none for ComfyUI's ToMe.
 
 Needs ComfyUI (`make setup` installs the test-only copy, tests/comfyui/harness.py) and a checkout of this repository:
 the ComfyUI import and the tiny-model builders stay outside the fastdiff package.
@@ -29,10 +31,11 @@ from . import timing
 # (name, node, settings): our node's settings equal to EasyCache's where both have them
 THRESHOLDS = (0.1, 0.2)
 START, END = 0.15, 0.95
+TOME = 0.5  # the fraction of image tokens merged away
 
 
-def _arms_spec() -> list[tuple[str, str, dict, bool]]:
-    """(row name, node, its settings, copy the diffusion model's input first): see `_copy_input`."""
+def _arms_spec(model: str) -> list[tuple[str, str, dict, bool]]:
+    """(row name, node, its settings, copy the diffusion model's input first: see `_copy_input`) for `model`."""
     arms = [("baseline", "", {}, False)]
     for t in THRESHOLDS:
         easy = dict(reuse_threshold=t, start_percent=START, end_percent=END, verbose=False)
@@ -42,6 +45,9 @@ def _arms_spec() -> list[tuple[str, str, dict, bool]]:
                      dict(policy="easycache", threshold=t, start_percent=START, end_percent=END), False))
     arms.append(("fastdiff static interval 2", "FastDiffCache",
                  dict(policy="static", interval=2, start_percent=START, end_percent=END), False))
+    if model == "sd15":  # token merging: ComfyUI core's ToMe node beside ours, at the same ratio
+        arms.append((f"ComfyUI TomePatchModel {TOME}", "TomePatchModel", dict(ratio=TOME), False))
+        arms.append((f"fastdiff token merge tome {TOME}", "FastDiffTokenMerge", dict(method="tome", ratio=TOME), False))
     arms.append(("fastdiff Accelerate 2x", "FastDiffAccelerate", dict(speedup=2.0), False))
     return arms
 
@@ -154,6 +160,7 @@ def run(args):
     harness = _harness()
     harness.load_node_pack()
     harness.load_comfy_node("nodes_easycache.py")
+    harness.load_comfy_node("nodes_tomesd.py")
     from fastdiff.integrations import comfyui as host
 
     wrappers = harness.load_comfy().patcher_extension.WrappersMP
@@ -166,7 +173,7 @@ def run(args):
         counted = []
         handle = wl.last_block.register_forward_hook(lambda *a: counted.append(1))
         arms, meta, models = [], {}, {}
-        for name, node, settings, copy_input in _arms_spec():
+        for name, node, settings, copy_input in _arms_spec(wl.name):
             base = wl.model
             if copy_input:  # added before the node's own wrappers: ComfyUI runs wrappers in the order added
                 base = base.clone()
@@ -201,7 +208,9 @@ def run(args):
             summary = host.summary_of(models[name])
             if summary is not None and summary.estimated_speedup:
                 return summary.estimated_speedup
-            return wl.steps / computed[name] if computed[name] else None
+            if meta[name]["node"] == "EasyCache" and computed[name]:  # it skips the whole model or nothing
+                return wl.steps / computed[name]
+            return 1.0 if name == "baseline" else None  # ComfyUI's ToMe: no accounting of its FLOPs here
 
         def extra(name, _t, row, wl=wl):
             row["computed"] = f"{computed[name]}/{wl.steps}"
@@ -224,7 +233,7 @@ def write(rows, refused, harness, args, out: Path) -> None:
                              refused=[f"{m}, {name}: {why}" for m, name, why in refused])
     keys = ["model", "method", "node", "computed", *timing.RESULT_KEYS, "config", "note"]
     timing.write_results(out, env, rows, keys)
-    lines = ["# ComfyUI: fastdiff's caching nodes vs ComfyUI's EasyCache", "",
+    lines = ["# ComfyUI: fastdiff's nodes vs ComfyUI core's EasyCache (and its ToMe on SD1.5)", "",
              *(f"- **{k}**: {v}" for k, v in env.items()), "", timing.TABLE_NOTE, "",
              f"Settings: start_percent {START}, end_percent {END} for every cached row; the threshold is EasyCache's "
              "reuse_threshold and fastdiff's easycache threshold alike. computed = steps at which the model's last "
