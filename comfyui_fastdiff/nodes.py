@@ -69,6 +69,14 @@ def _merge(model, method, ratio, factor, targets, max_downsample, start_percent,
 TARGETS = {"self": ["self_attention"], "self+cross": ["self_attention", "cross_attention"]}
 
 
+def _sparse(model, pattern, density, top_p, window, block, start_percent):
+    settings = {"pattern": pattern, "density": density, "top_p": top_p, "window": [1, window, window],
+                "block": int(block), "start": start_percent}
+    if pattern == "topp":  # pooled means flatten the scores: top-p keeps most blocks without antidiagonal scoring
+        settings["method"] = "antidiag"
+    return (host.patch(model, "sparse", settings),)
+
+
 def _accelerate(model, speedup):
     return (host.patch(model, host.ACCELERATE, {"speedup": speedup}),)
 
@@ -137,6 +145,27 @@ NODES = (
           Input("end_percent", "float", "Fraction of the steps after which every token runs again (fine detail).",
                 1.0, 0.0, 1.0, 0.01)),
          MODEL_OUT, _merge),
+    Node("FastDiffSparseAttention", "fastdiff Sparse Attention",
+         "Block-sparse self-attention (Flux; SD1.x / SD2.x / SDXL UNets), through ComfyUI's attention override: the "
+         "image tokens are taken in tiles, and each query block attends only some key blocks (a window around it, "
+         "or the ones its pooled scores predict); text tokens always attend and are attended densely. The report "
+         "gives the attention density that ran. Other models are refused by name.",
+         (MODEL_IN,
+          Input("pattern", "combo", "'window': the key tiles within `window` tiles around the query's (Sliding Tile "
+                "Attention); 'crisscross': the window plus the query's tile row and column; 'topk': the `density` "
+                "share of key blocks with the highest pooled scores; 'topp': the fewest blocks holding `top_p` of "
+                "the score mass.", "window", options=("window", "crisscross", "topk", "topp")),
+          Input("density", "float", "topk: share of the key blocks each query block keeps (1.0: dense).", 0.25,
+                0.01, 1.0, 0.01),
+          Input("top_p", "float", "topp: score mass the kept key blocks must hold (1.0: dense).", 0.9, 0.01, 1.0,
+                0.01),
+          Input("window", "int", "window / crisscross: window side in tiles (odd: centred on the query's tile).", 3,
+                1, 15, 2),
+          Input("block", "combo", "Tokens per query / key block, the unit of skipped work (a tile holds about "
+                "this many tokens).", "64", options=("16", "32", "64", "128", "256")),
+          Input("start_percent", "float", "Fraction of the steps run with dense attention first (the layout forms "
+                "there).", 0.2, 0.0, 0.99, 0.01)),
+         MODEL_OUT, _sparse),
     Node("FastDiffAccelerate", "fastdiff Accelerate",
          "A target speedup instead of settings: at each run fastdiff's planner picks, from the settings measured "
          "on its reference models, the caching and CFG-skipping with the most expected fidelity whose predicted "

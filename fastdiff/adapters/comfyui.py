@@ -88,6 +88,9 @@ FLUX = FamilySpec(
     # ComfyUI's Flux projects q, k, v in one fused linear and calls attention as a function: the attention op of
     # each block is named here, over the joint [text; image] sequence.
     attention_ops=(AttentionOp(r"^(double|single)_blocks\.\d+$", "hidden_size", ("joint",), ("joint",)),),
+    # that op is each block's self-attention over [text; image] (sparse attention reaches it through ComfyUI's
+    # optimized_attention_override; the block is the site: name "")
+    attention=(TokenSite(r"^(double|single)_blocks\.\d+$", (TokenModule("", "self_attention", text="first"),)),),
     text_tokens=512,
     text_position="first",
 )

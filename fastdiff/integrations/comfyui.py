@@ -43,7 +43,7 @@ from ..errors import ConfigError, FastDiffError, UnsupportedModelError
 from ..host import Call, Hook, run_rows
 from ..mechanisms import registry
 from ..summary import Summary
-from .comfyui_tokens import TokenPatches, install as install_token_patches, refuse as refuse_tokens
+from .comfyui_tokens import TokenPatches, install as install_token_patches, refuse as refuse_tokens, refuse_sparse
 
 KEY = "fastdiff"  # transformer_options key of the clone's Plan, and the wrappers' key
 RUN_KEY = "fastdiff_run"  # transformer_options key of the run in progress (in the guider's copy of the options)
@@ -131,7 +131,7 @@ def patch(model, section: str, settings: dict) -> Any:
         if not clone.get_wrappers(kind, KEY):  # an earlier fastdiff node's clone has them already
             clone.add_wrapper_with_key(kind, KEY, wrapper)
     if dry.tokens is not None:
-        install_token_patches(clone)
+        install_token_patches(clone, attention=dry.tokens.sparse is not None)
     patches = comfy_adapters.PATCHES[dry.adapter.name]
     for block in dry.adapter.blocks:
         bp = patches[block.kind]
@@ -276,16 +276,20 @@ class ComfyRun:
         self.records: list[CallRecord] = []
         self.current: Call | None = None
         self._step, self._calls = -1, 0
-        self.tokens: TokenPatches | None = None  # token merging, through ComfyUI's attention patches
+        # token merging and sparse attention: through ComfyUI's attention patches and override (comfyui_tokens)
+        self.tokens: TokenPatches | None = None
+        split = {m.name: m for m in self.mechanisms if m.name in ("merge", "sparse")}
         for mechanism in self.mechanisms:
             if mechanism.name == "merge":
                 refuse_tokens(mechanism, self.adapter)
+            elif mechanism.name == "sparse":
+                refuse_sparse(mechanism, self.adapter)
             mechanism.validate(self.adapter)
         for mechanism in self.mechanisms:  # innermost first, as a session attaches them
-            if mechanism.name == "merge":  # ComfyUI reaches attention only through patches before and after it
-                self.tokens = TokenPatches(self, mechanism)
-            else:
+            if mechanism.name not in split:
                 mechanism.attach(self.adapter, self)
+        if split:
+            self.tokens = TokenPatches(self, split.get("merge"), split.get("sparse"))
 
     @property
     def cost_model(self) -> CostModel:
@@ -450,7 +454,9 @@ class ComfyRun:
         for mechanism in self.mechanisms:
             mechanism.detach()
         text = report(summary)
-        if self.tokens is not None:
+        if self.tokens is not None and self.tokens.sparse is not None:
+            text += "\n  " + self.tokens.density_line(self.records)
+        if self.tokens is not None and self.tokens.merge is not None:
             merged, total, calls = self.tokens.tokens_merged(self.records)
             text += (f"\n  merge: {merged} of {total} image tokens merged away (per sample, summed over the merged "
                      f"attention submodules of {calls} of {len(self.records)} calls)" if calls else

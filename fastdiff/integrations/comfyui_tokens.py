@@ -9,12 +9,22 @@ A patch finds its submodule from what ComfyUI tells it (`transformer_options["bl
 patches cannot do is refused by name before anything is patched: merging around the MLP (ComfyUI calls no patch
 around `ff`), proportional attention (the patches pass no attention mask), and every model but the UNet (Flux,
 SD3 and Wan call attention inside their blocks, not through these patches).
+
+Sparse attention (`mechanisms.sparse_attention.SparseAttention`, the same patterns and `fastdiff.attention`
+dispatch as on diffusers) is reached through `transformer_options["optimized_attention_override"]`, which ComfyUI
+calls for every attention call of every model, whatever attention backend runs. The override knows whose call it
+is: on the UNet the attn1 patches mark the self-attention running between them; in Flux, ComfyUI names the block
+running (`transformer_options["block_type"]` / `["block_index"]`), whose one attention call is its joint
+[text; image] self-attention (text tokens stay dense, as on diffusers). Any other call — cross-attention, another
+model called inside the run, a dense step — goes to ComfyUI's own attention function untouched (or to the override
+another node had set before). SD3 and Wan are refused by name.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from functools import partial
 
 import torch
 
@@ -48,30 +58,58 @@ def refuse(merge, adapter) -> None:
             "ComfyUI's attn1 patch cannot pass; drop 'proportional'")
 
 
-class TokenPatches:
-    """One run's token merging: the sites by what ComfyUI's patches say, and the plans between a submodule's
-    before- and after-patch."""
+def refuse_sparse(sparse, adapter) -> None:
+    """UnsupportedModelError when sparse attention cannot run through ComfyUI's attention override here."""
+    if adapter.name not in SPARSE_FAMILIES:
+        raise UnsupportedModelError(
+            f"{type(adapter.denoiser).__name__} in ComfyUI: sparse attention needs to know which of the model's "
+            f"attention calls is its self-attention over the token grid, which fastdiff knows for "
+            f"{sorted(SPARSE_FAMILIES)} only (the '{adapter.name}' model is not one of them)")
 
-    def __init__(self, run, merge):
-        refuse(merge, run.adapter)
-        self.run, self.merge = run, merge
-        self.sites = {}
-        for site in merge.attach_split(run.adapter, run):
-            m = _OWNER.match(site.owner)
-            if m is None:
-                raise UnsupportedModelError(f"{type(run.denoiser).__name__} in ComfyUI: token site {site.path} is not "
-                                            "in a SpatialTransformer of an input, middle or output block")
-            side = SIDES[m.group(1)]
-            key = (side, 0 if side == "middle" else int(m.group(2)), int(m.group(3)))
-            self.sites[(site.spec.role, key)] = site
+
+SPARSE_FAMILIES = ("comfy-flux", "comfy-unet")
+
+
+def _unet_key(site) -> tuple:
+    m = _OWNER.match(site.owner)
+    if m is None:
+        raise UnsupportedModelError(f"UNetModel in ComfyUI: token site {site.path} is not in a SpatialTransformer "
+                                    "of an input, middle or output block")
+    side = SIDES[m.group(1)]
+    return side, 0 if side == "middle" else int(m.group(2)), int(m.group(3))
+
+
+def _flux_key(site) -> tuple:
+    kind, index = site.path.split(".")  # "double_blocks.3"
+    return kind.split("_")[0], int(index)
+
+
+class TokenPatches:
+    """One run's token merging and sparse attention: the sites by what ComfyUI's patches say, the plans between
+    a submodule's before- and after-patch, and the self-attention whose call the override is about to get."""
+
+    def __init__(self, run, merge=None, sparse=None):
+        self.run, self.merge, self.sparse = run, merge, sparse
+        self.sites, self.sparse_sites = {}, {}
+        if merge is not None:
+            refuse(merge, run.adapter)
+            for site in merge.attach_split(run.adapter, run):
+                self.sites[(site.spec.role, _unet_key(site))] = site
+        if sparse is not None:
+            refuse_sparse(sparse, run.adapter)
+            key = _flux_key if run.adapter.name == "comfy-flux" else _unet_key
+            self.sparse_sites = {key(site): site for site in sparse.attach_split(run.adapter, run)}
         self._pending: dict = {}
+        self.attending = None  # the UNet self-attention site between its attn1 patches (sparse attention)
 
     def before(self, role: str, q, k, v, extra: dict):
         self._pending.pop(role, None)  # a submodule's before-patch always comes right before its after-patch
         call = self.run.current
         block = extra.get("block")
-        site = None if call is None or block is None else \
-            self.sites.get((role, (block[0], block[1], extra.get("block_index", 0))))
+        key = None if call is None or block is None else (block[0], block[1], extra.get("block_index", 0))
+        if role == "self_attention":
+            self.attending = self.sparse_sites.get(key)
+        site = self.sites.get((role, key))
         if site is None:
             return q, k, v
         queries, keys, plan = self.merge.split_in(call, site, q)
@@ -88,6 +126,8 @@ class TokenPatches:
         return queries, keys, keys
 
     def after(self, role: str, out: torch.Tensor, extra: dict) -> torch.Tensor:
+        if role == "self_attention":
+            self.attending = None
         pending = self._pending.pop(role, None)
         if pending is None:
             return out
@@ -108,6 +148,62 @@ class TokenPatches:
                 merged += n - reduction.query
                 total += n
         return merged, total, calls
+
+
+    def attention(self, func, args: tuple, kwargs: dict):
+        """One attention call of the run (ComfyUI's optimized_attention_override): the current site's
+        self-attention under its sparse pattern, or `func` (ComfyUI's attention, or the override before ours)."""
+        site = self._site_of(kwargs.get("transformer_options") or {})
+        if site is None:
+            return func(*args, **kwargs)
+        q, k, v, heads = (list(args) + [kwargs.get(n) for n in ("q", "k", "v", "heads")][len(args):])[:4]
+        if kwargs.get("skip_reshape", False):
+            b, _, n, d = q.shape
+            q4, k4, v4 = q, k, v
+        else:
+            b, n, width = q.shape
+            d = width // heads
+            q4, k4, v4 = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = self.sparse.attend(site, self.run.current, q4, k4, v4, kwargs.get("mask"), None)
+        if out is None:  # a dense step, or a pattern listing every block: ComfyUI's own attention, bit-identical
+            return func(*args, **kwargs)
+        if kwargs.get("skip_output_reshape", False):
+            return out
+        return out.transpose(1, 2).reshape(b, -1, heads * d)
+
+    def _site_of(self, to: dict):
+        """The sparse site whose self-attention this call is, consumed (a site has one such call per forward)."""
+        if self.sparse is None or self.run.current is None:
+            return None
+        if self.run.adapter.name == "comfy-flux":
+            return self.sparse_sites.get((to.get("block_type"), to.get("block_index")))
+        site, self.attending = self.attending, None
+        return site
+
+
+    def density_line(self, records) -> str:
+        """The report's sparse line: the attention density that ran (1.0: a site ran dense), per call."""
+        densities = [r.density for rec in records for r in rec.reductions.values()]
+        calls = sum(bool(rec.reductions) for rec in records)
+        if not densities:
+            return "sparse: no attention ran sparse in this run (every call dense)"
+        return (f"sparse: {self.sparse.config.pattern}, mean attention density {sum(densities) / len(densities):.3f} "
+                f"over {len(self.sparse_sites)} self-attention sites, {calls} of {len(records)} calls")
+
+
+def attention_override(before):
+    """ComfyUI's optimized_attention_override: (func, *args, **kwargs) -> the attention output. `before`: the
+    override another node had set (our dense calls go through it), or None."""
+
+    def override(func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        run = to.get(RUN_KEY)
+        tokens = None if run is None else run.tokens
+        dense = func if before is None else partial(before, func)
+        return dense(*args, **kwargs) if tokens is None else tokens.attention(dense, args, kwargs)
+
+    override.__fastdiff_before__ = before
+    return override
 
 
 def before_patch(role: str):
@@ -134,10 +230,15 @@ def after_patch(role: str):
     return patch
 
 
-def install(clone) -> None:
-    """The four patches on `clone` (once: a clone of a fastdiff clone has them already); each passes through
-    in a run that merges nothing there."""
-    patches = clone.model_options["transformer_options"].get("patches", {})
+def install(clone, attention: bool = False) -> None:
+    """The four patches on `clone` (once: a clone of a fastdiff clone has them already), and with `attention`
+    the attention override (chained to one another node set); each passes through in a run that does nothing
+    there."""
+    to = clone.model_options["transformer_options"]
+    current = to.get("optimized_attention_override")
+    if attention and not hasattr(current, "__fastdiff_before__"):
+        to["optimized_attention_override"] = attention_override(current)
+    patches = to.get("patches", {})
     for role, (before, after) in PATCHES.items():
         if not any(getattr(p, "__fastdiff__", None) == role for p in patches.get(before, ())):
             clone.set_model_patch(before_patch(role), before)

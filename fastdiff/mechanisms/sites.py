@@ -40,9 +40,11 @@ def find(adapter: BlockAdapter) -> list[Site]:
             continue  # not inside a block the adapter knows (nothing would account for it)
         level = spec.level(path, denoiser) if spec.level else 0
         for tm in site.modules:
-            child = getattr(module, tm.name, None)
+            # name "": the block itself (attention called as a function inside it, e.g. ComfyUI's Flux)
+            child = module if tm.name == "" else getattr(module, tm.name, None)
             if isinstance(child, torch.nn.Module):
-                found.append((block, order, Site(f"{path}.{tm.name}", child, tm, block, level, path)))
+                where = path if tm.name == "" else f"{path}.{tm.name}"
+                found.append((block, order, Site(where, child, tm, block, level, path)))
     found.sort(key=lambda t: (t[0], t[1]))
     return [s for *_, s in found]
 

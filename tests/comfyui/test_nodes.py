@@ -9,7 +9,8 @@ from tests.comfyui import harness
 pytestmark = pytest.mark.usefixtures("comfy")
 
 STEPS = 8
-IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffTokenMerge", "FastDiffAccelerate", "FastDiffReport")
+IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffTokenMerge", "FastDiffSparseAttention", "FastDiffAccelerate",
+       "FastDiffReport")
 
 
 def _node(comfy, node_pack, node_id):

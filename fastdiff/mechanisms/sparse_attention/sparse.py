@@ -98,6 +98,21 @@ class SparseAttention(Mechanism):
         route.install(self)  # last: nothing below can fail, so a failed attach never leaves SDPA routed
         self._routed = True
 
+    def attach_split(self, adapter, host) -> list[_sites.Site]:
+        """For a host that is handed each attention call itself (ComfyUI's `optimized_attention_override`): bind
+        `host` (its per-call state) and return the sites; the host calls `attend` for a site's attention call.
+        Nothing is wrapped or routed."""
+        self.host, self.adapter = host, adapter
+        return self.sites(adapter)
+
+    def attend(self, site, call, q, k, v, mask=None, scale=None) -> torch.Tensor | None:
+        """`site`'s attention of (B, H, N, D) q, k, v in `call`, under its pattern (what the routed SDPA call
+        gets inside a hooked module); None: this call runs it dense (a dense step, or a pattern listing every
+        block), with the caller's own attention."""
+        if call is None or not self._active(call.ctx.step, call.ctx.num_steps):
+            return None
+        return self._attend(site, call, q, k, v, mask, scale)
+
     def detach(self) -> None:
         if self._routed:
             route.uninstall(self)
