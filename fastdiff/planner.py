@@ -4,10 +4,11 @@
 caching, CFG skipping, token merging, sparse attention and resolution-bottleneck sampling, composed one per
 mechanism, for the most expected fidelity whose *predicted wall time* (`fastdiff.estimate`'s latency model) meets
 the target. Expected fidelity comes from `fastdiff/configs/fidelity.json` (PSNR against dense and class accuracy,
-measured on the trained references; `python -m fastdiff.eval.build_fidelity` rebuilds it): the points of the
-reference with the same denoiser class, else the median over all references. Errors of composed mechanisms are
-taken to add as independent noise (their mean squared errors sum). Nothing runs the model: the plan comes from
-the cost model and the table alone, and a target that cannot be reached is refused naming the reachable range.
+measured on the trained references; `python -m fastdiff.eval.build_fidelity` rebuilds it): the median of the
+points of references with the same denoiser class, else the worst point of the others. Errors of composed
+mechanisms are taken to add as independent noise (their mean squared errors sum). The plan comes from the cost
+model and the table alone (no model run), optionally refined by probe runs of the user's own call (`call=`); a
+target that cannot be reached is refused, before anything runs, naming the reachable range.
 
 `plan(pipe, config, target=2.0)` tunes one caching knob of a given config against FLOPs: schedules fixed in
 advance (static interval, Δ-DiT) from the cost model alone; dynamic policies (residual, EasyCache) by bisecting
@@ -329,7 +330,8 @@ def fidelity_table() -> tuple[dict, ...]:
 
 def options_for(denoiser_class: str, mechanisms=SPACE, table=None) -> dict[str, list[Option]]:
     """Every shipped option of `mechanisms` with its expected PSNR and accuracy for a denoiser of this class: the
-    median of the points measured on a reference of that class, else the median over every reference."""
+    median of the points measured on a reference of that class, else the worst over the other references (a
+    setting's fidelity varies between models far more than between runs: see eval/results/merge-*)."""
     out: dict[str, list[Option]] = {m: [] for m in mechanisms}
     for entry in table if table is not None else fidelity_table():
         if entry["mechanism"] not in out:
@@ -339,9 +341,10 @@ def options_for(denoiser_class: str, mechanisms=SPACE, table=None) -> dict[str, 
         psnrs = [p["psnr"] for p in points if p["psnr"] is not None]
         accs = [p["accuracy"] for p in points if p["accuracy"] is not None]
         basis = ", ".join(sorted({p["reference"] for p in points}))
+        pick = statistics.median if own else min  # measured on other models only: their worst, not their typical
         out[entry["mechanism"]].append(Option(entry["mechanism"], entry["name"], entry["section"],
-                                              statistics.median(psnrs) if psnrs else math.inf,
-                                              statistics.median(accs) if accs else None, basis, bool(own)))
+                                              pick(psnrs) if psnrs else math.inf, pick(accs) if accs else None,
+                                              basis, bool(own)))
     return out
 
 
