@@ -547,11 +547,15 @@ class Pricer:
         dense = dense_table(self.model, contexts)
         dense_time = dense_table(self.bare, contexts)
         table = dense
+        mechanisms = registry.build(config)
+        for mechanism in mechanisms:
+            mechanism.validate(self.adapter)  # what apply() would refuse, estimate refuses too
         if config.bottleneck is not None:  # the call runs the section's stages; the baseline stays the call at full size
-            from .mechanisms.bottleneck.mechanism import Bottleneck, stage_sizes
+            from .mechanisms.bottleneck.mechanism import stage_sizes
 
-            Bottleneck.check_pipeline(self.pipeline, getattr(self.pipeline, "scheduler", None),
-                                      type(self.denoiser).__name__)  # what apply refuses, estimate refuses too
+            for m in mechanisms:
+                if m.outer:
+                    m.check_call(self.adapter, self.pipeline, getattr(self.pipeline, "scheduler", None), mechanisms)
             if len(stages) != 1:
                 raise ConfigError("estimate: give the call's height/width/steps with a bottleneck section, not stages "
                                   "(the section makes the stages)")
@@ -559,12 +563,13 @@ class Pricer:
             contexts = schedule(layouts, self.batch, self.cfg)
             table = dense_table(self.model, contexts)
         timed = dense_table(self.hooked, contexts)
-        for mechanism in registry.build(config):
-            mechanism.validate(self.adapter)  # what apply() would refuse, estimate refuses too
+        for mechanism in mechanisms:
             table = mechanism.estimate_cost(table)
             timed = mechanism.estimate_cost(timed)
-        return Estimate(table.flops, dense.flops, layouts[-1][0], sum(n for _, n in layouts), 2 if self.cfg else 1,
-                        self.batch, tuple(layouts), timed.flops, dense_time.flops, self.calibration.source)
+        # each stage's layout as its calls run it (a region stage's is its mixed token set, not the grid it was built at)
+        ran = tuple({row.ctx.stage: (row.ctx.layout, row.ctx.stage_steps) for row in table.rows}.values())
+        return Estimate(table.flops, dense.flops, ran[-1][0], sum(n for _, n in layouts), 2 if self.cfg else 1,
+                        self.batch, ran, timed.flops, dense_time.flops, self.calibration.source)
 
 
 # -- the microbenchmark ------------------------------------------------------------------------------------------
@@ -613,23 +618,52 @@ def record_call(denoiser: torch.nn.Module, call: Callable[[], Any]) -> tuple[tup
 
 
 def _resized(adapter, args, kwargs, scale: float):
-    """The recorded call with its latents resized by `scale` per spatial axis (4-D latents only), or None."""
+    """The recorded call with its latents resized by `scale` per spatial axis, or None: 4-D latents, and packed
+    ones (B, tokens, C) on a full token grid whose family rebuilds the positions for a grid
+    (`FamilySpec.resample.positions`, FLUX's img_ids); video latents are replayed at the recorded size only."""
     bound = adapter.bind(args, kwargs)
     x = bound.get(adapter.spec.hidden_arg)
     if scale == 1.0:
         return args, kwargs
+    if isinstance(x, torch.Tensor) and x.ndim == 3:
+        return _resized_packed(adapter, bound, args, kwargs, x, scale)
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        return None  # packed or video latents: only the recorded size is replayed
+        return None
     step = 8 if min(x.shape[-2:]) >= 16 else 2  # UNets need sides divisible by their downsampling; DiTs by the patch
     h, w = (max(step, int(round(s * scale / step)) * step) for s in x.shape[-2:])
     if (h, w) == tuple(x.shape[-2:]):
         return None
     y = torch.nn.functional.interpolate(x, size=(h, w), mode="nearest")
+    return _replaced(adapter, args, kwargs, {adapter.spec.hidden_arg: y})
+
+
+def _resized_packed(adapter, bound, args, kwargs, x, scale: float):
+    """Packed latents on an (h, w) token grid resized to (h, w) x `scale` tokens, with the positions rebuilt."""
+    resample = adapter.spec.resample
+    if resample is None or resample.positions is None:
+        return None
+    f, h, w = adapter.layout(bound).grid
+    if f != 1 or h * w != x.shape[1] or h < 2 or w < 2:
+        return None  # not a full image grid (a flat sequence): its positions cannot be rebuilt
+    nh, nw = (max(1, int(round(s * scale))) for s in (h, w))
+    if (nh, nw) == (h, w):
+        return None
+    grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+    y = torch.nn.functional.interpolate(grid, size=(nh, nw), mode="nearest").flatten(2).transpose(1, 2).contiguous()
+    return _replaced(adapter, args, kwargs, {adapter.spec.hidden_arg: y, **resample.positions(bound, (nh, nw))})
+
+
+def _replaced(adapter, args, kwargs, values: dict):
+    """The call's arguments with `values` (name -> new value) put where the call passed them."""
     names = list(adapter.signature.parameters)[1:]
-    if adapter.spec.hidden_arg in kwargs:
-        return args, {**kwargs, adapter.spec.hidden_arg: y}
-    i = names.index(adapter.spec.hidden_arg)
-    return args[:i] + (y,) + args[i + 1:], kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in values.items():
+        i = names.index(name)
+        if name in kwargs or i >= len(args):
+            kwargs[name] = value
+        else:
+            args[i] = value
+    return tuple(args), kwargs
 
 
 def calibrate_latency(pipe_or_denoiser: Any, call: Callable[[], Any], *, scales=(0.5, 0.75, 1.0), repeats: int = 3,
@@ -638,8 +672,8 @@ def calibrate_latency(pipe_or_denoiser: Any, call: Callable[[], Any], *, scales=
     """Measure this model's latency coefficients on this device and cache them (seconds on CPU at small sizes).
 
     One denoiser call of `call()` (e.g. `lambda: pipe(**kwargs)`) is recorded and replayed, at its own size and at
-    `scales` of its latent side (4-D latents), bare, under a session, and with each of `PROBES` (merging at two
-    ratios, a sparse window, top-k); the medians of `repeats` interleaved rounds are fitted to the terms. The model
+    `scales` of its latent side (4-D latents, and packed ones on a token grid with their positions rebuilt), bare,
+    under a session, and with each of `PROBES` (merging at two ratios, a sparse window, top-k); the medians of `repeats` interleaved rounds are fitted to the terms. The model
     is left as it was (each probe is applied and removed around its replays).
     """
     import fastdiff

@@ -6,7 +6,8 @@ masks and gathers, the Python of small modules and of hooks. So every term of `C
     per sample:  linear × FLOPs of each linear/conv
                + attention × FLOPs of each dense attention, or, for a sparsified one,
                  sparse × FLOPs × density + sparse_pairs × dense FLOPs (masks, scores and gathers paid at any density)
-               + match × matching FLOPs + merge × tokens × width of each merged site (gather, scatter, unmerge)
+               + match × matching FLOPs + merge × rows moved × width of each merged site (`moved`: the gathers
+                 and scatter of merge and unmerge, growing with the tokens merged)
     per call:    op per linear/conv/attention module run (dispatch, the small-tensor floor)
                + under a session: hook per block run, site per hooked merge/sparse site, call per denoiser call
 
@@ -41,7 +42,7 @@ from ..context import TokenLayout
 from ..errors import ConfigError, FastDiffError
 from .model import CostModel, Reduction, tokens
 
-VERSION = 1  # of the calibration file format
+VERSION = 2  # of the calibration file format (2: the merge term counts the rows moved, `moved`)
 PER_CALL = ("op", "hook", "site", "call")  # coefficients paid once per call, whatever the batch
 
 
@@ -210,13 +211,22 @@ class LatencyModel:
             attn = next((t for t in cost._under(path) if t.kind == "attention"), None)
             width = attn.coef / 4 if attn is not None else 1.0
             level = attn.level if attn is not None else 0
-            out[col] += c.match * red.extra + c.merge * tokens(IMAGE, layout, level) * width
+            n = tokens(IMAGE, layout, level)
+            out[col] += c.match * red.extra + c.merge * moved(n, red.query) * width
             out[col] += c.site * per_call if self.hooked else 0.0
         if self.hooked:
             for block in self.adapter.blocks:
                 out[block.index] += c.hook * per_call
             out[-1] += c.call * per_call
         return out
+
+
+def moved(n: int, kept: int) -> int:
+    """Token rows a merged site moves (its merge and unmerge, per unit of width): the merge gathers the `kept` rows
+    and each of the n - kept merged sources and its destination, then scatter-adds the sources; the unmerge gathers
+    all n. So the gathers grow with the ratio (a ToMe at 0.6 moves more than at 0.3), beside the fixed matching."""
+    r = max(0, n - kept)
+    return kept + 3 * r + n
 
 
 def features(cost: CostModel, price: Callable[[Coefficients], float]) -> list[float]:

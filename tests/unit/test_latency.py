@@ -35,7 +35,7 @@ def test_a_calibration_round_trips_through_its_file_and_the_cache_dir_is_overrid
 
 def test_a_corrupt_calibration_file_is_refused(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('{"version": 1, "device": "cpu", "model": "m", "source": "x", "coefficients": {"linear": -1}}')
+    path.write_text('{"version": 2, "device": "cpu", "model": "m", "source": "x", "coefficients": {"linear": -1}}')
     with pytest.raises(fastdiff.FastDiffError, match="bad coefficients"):
         latency.Calibration.read(path)
     path.write_text('{"version": 99}')
@@ -89,6 +89,18 @@ def test_merging_prices_its_matching_and_fewer_tokens():
         _seconds(model, layout, {attn: Reduction(32, 32)}) + 1e6 * COEF.match)
 
 
+def test_a_merge_moves_more_rows_the_more_tokens_it_merges():
+    # merge: gathers of the kept rows, the sources and their destinations, a scatter-add; unmerge: a gather of all n
+    assert [latency.moved(64, k) for k in (64, 48, 32, 16)] == [128, 160, 192, 224]
+    model = _model()
+    layout = TokenLayout((1, 8, 8), 8, "none")
+    attn = next(t for t in model.terms if t.kind == "attention")
+    only = latency.Coefficients(merge=1.0)
+    rows = [sum(latency.LatencyModel(model, only).block_flops(layout, {attn.path: Reduction(q, q)})) / (attn.coef / 4)
+            for q in (56, 32, 16)]
+    assert rows == [latency.moved(64, q) for q in (56, 32, 16)]
+
+
 def test_estimate_prices_time_without_changing_its_flops(tmp_path):
     pipe = tiny.build_pipeline("pixart")
     size = dict(height=32, width=32, steps=10)
@@ -115,3 +127,17 @@ def test_calibrate_measures_the_model_and_leaves_it_as_it_was(tmp_path):
     assert torch.equal(before, after) and fastdiff.session_of(pipe) is None
     assert cal.source.startswith("measured") and len(cal.points) == 1 + len(planner.PROBES)
     assert latency.load(pipe.transformer, tmp_path) == cal
+
+
+def test_packed_latents_are_replayed_at_other_token_counts_with_their_positions_rebuilt():
+    pipe = tiny.build_pipeline("flux")
+    denoiser = pipe.transformer
+    args, kwargs = planner.record_call(denoiser, lambda: pipe(**tiny.pipeline_kwargs("flux", steps=1)))
+    adapter = fastdiff.adapters.resolve(denoiser)
+    f, h, w = adapter.layout(adapter.bind(args, kwargs)).grid
+    a, kw = planner._resized(adapter, args, kwargs, 0.5)
+    bound = adapter.bind(a, kw)
+    assert adapter.layout(bound).grid == (1, round(h / 2), round(w / 2))  # the grid read back from the new img_ids
+    with torch.no_grad():
+        out = denoiser(*a, **kw)[0]
+    assert out.shape[1] == round(h / 2) * round(w / 2)
