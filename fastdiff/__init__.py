@@ -127,7 +127,7 @@ def apply(pipe_or_denoiser: Any, config: Any = None, *, preset: str | None = Non
                 f"and this pipeline calls {[n for n, *_ in parts]}, whose inputs it would not resize; supported: "
                 "pipelines with one denoiser and no control network")
         for driver in drivers:
-            driver.check_pipeline(pipeline, scheduler, type(denoiser).__name__)
+            driver.check_call(parts[0][2], pipeline, scheduler, parts[0][3])
     from .planner import unpaid
 
     # a planned config only holds what pays at the call's own size; others are priced at the default size

@@ -159,11 +159,15 @@ class ResampleSpec:
             HunyuanVideo's RoPE).
         multiple: (denoiser config) -> what a smaller stage's latent height and width must divide by besides the
             packing (a UNet's total downsampling, a patch size); None: 1.
+        token_sets: the denoiser takes any set of image tokens with their positions passed in as data (`positions`
+            also accepts explicit (N, 2) positions), so a region stage (region-adaptive upsampling) can hand it a
+            mixed-resolution set; False where positions come from the latent shape or a convolution sees the grid.
     """
 
     packing: int = 1
     positions: Callable[[dict, tuple[int, int]], dict] | None = None
     multiple: Callable[[Any], int] | None = None
+    token_sets: bool = False
 
 
 @dataclass(frozen=True)

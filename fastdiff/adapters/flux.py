@@ -70,7 +70,7 @@ SPEC = register(FamilySpec(
                ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")},
     text_tokens=512,
     text_position="first",
-    resample=ResampleSpec(packing=2, positions=_positions),
+    resample=ResampleSpec(packing=2, positions=_positions, token_sets=True),
     # RoPE (cos, sin), each (text + image positions, dim), covers [text; image]. Double blocks pass text and image
     # separately; single blocks concatenate [text; image] before attention (their MLP is a bare Linear on the
     # joint sequence, outside any wrappable submodule, so only their attention is merged).

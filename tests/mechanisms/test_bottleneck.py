@@ -423,11 +423,14 @@ def test_stateful_refusals_touch_nothing(pipes, snapshot):
     pipe, base = _plain(pipes, "sd15")
     unet, kw = pipe.unet, lambda **o: tiny.pipeline_kwargs("sd15", steps=4) | o
     before = snapshot(unet, pipe.scheduler)
-    # a per-stage shift is FlowMatchEuler's: refused at apply
-    with pytest.raises(fastdiff.UnsupportedModelError, match="UNet2DConditionModel: .*DDIMScheduler: stages \\[1\\] "
-                                                             "set a shift"):
-        fastdiff.apply(pipe, {"bottleneck": {"stages": [{"scale": 2, "steps": 0.5},
-                                                        {"scale": 1, "steps": 0.5, "strength": 0.6, "shift": 3.0}]}})
+    # a per-stage shift is FlowMatchEuler's: refused at apply, and by estimate, which prices only what apply runs
+    shifted = {"bottleneck": {"stages": [{"scale": 2, "steps": 0.5},
+                                         {"scale": 1, "steps": 0.5, "strength": 0.6, "shift": 3.0}]}}
+    for refused in (lambda: fastdiff.apply(pipe, shifted),
+                    lambda: fastdiff.estimate(pipe, shifted, height=32, width=32, steps=4)):
+        with pytest.raises(fastdiff.UnsupportedModelError, match="UNet2DConditionModel: .*DDIMScheduler: stages "
+                                                                 "\\[1\\] set a shift"):
+            refused()
     assert fastdiff.session_of(pipe) is None and snapshot(unet, pipe.scheduler) == before
     # an ancestral sampler: refused at apply, naming it and what runs
     saved, pipe.scheduler = pipe.scheduler, EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)

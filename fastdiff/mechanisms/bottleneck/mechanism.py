@@ -75,22 +75,26 @@ class Bottleneck(Mechanism):
             _regions.check_family(adapter)
         make_driver(self.config, adapter.spec.resample)  # stage values checked before anything is touched
 
-    @staticmethod
-    def check_pipeline(pipeline: Any, scheduler: Any, owner: str) -> None:
-        """Refuse, before anything is attached, what the driver cannot run: no pipeline, a non-flow sampler."""
+    def check_call(self, adapter, pipeline: Any, scheduler: Any, mechanisms) -> Driver:
+        """Refuse, before anything is attached, what the driver cannot run on this pipeline (apply and estimate both
+        ask): no pipeline, a sampler it cannot stage, stages that sampler cannot schedule, a region stage beside
+        merging or sparse attention. Returns the driver for these stages."""
+        owner = type(adapter.denoiser).__name__
         if pipeline is None or scheduler is None:
             raise UnsupportedModelError(
                 f"{owner}: resolution-bottleneck sampling drives a pipeline's call (its scheduler and latents): "
                 "apply fastdiff to the pipeline, not to its denoiser")
         Driver.check_scheduler(scheduler, owner, type(pipeline).__name__)
+        spec = adapter.spec
+        driver = make_driver(self.config, spec.resample, spec.hidden_arg, adapter.denoiser.config)
+        driver.check_stages(scheduler, owner)
+        if isinstance(driver, _regions.RegionDriver):
+            driver.check_composition(scheduler, mechanisms, owner)
+        return driver
 
     def attach_driver(self, adapter, hooks, scheduler, pipeline, session) -> None:
-        spec = adapter.spec
         self.scheduler, self.pipeline = scheduler, pipeline
-        driver = make_driver(self.config, spec.resample, spec.hidden_arg, adapter.denoiser.config)
-        driver.check_stages(scheduler, type(adapter.denoiser).__name__)  # before any hook of the driver's
-        if isinstance(driver, _regions.RegionDriver):
-            driver.check_composition(scheduler, session.mechanisms, type(adapter.denoiser).__name__)
+        driver = self.check_call(adapter, pipeline, scheduler, session.mechanisms)  # before any hook of the driver's
         self.driver = driver
         step_sig = inspect.signature(scheduler.step)
 

@@ -36,10 +36,6 @@ from .driver import FLOW_SCHEDULERS, Driver
 from .schedule import stage_sigmas
 
 SCALE = 2  # a region stage's coarse cells are half the side; its fine tokens full size
-# Families whose denoiser takes any set of image tokens with their positions as call data (FLUX: `img_ids`, which its
-# ResampleSpec.positions builds for an (h, w) grid or for explicit (N, 2) positions); RoPE from positions derived from
-# the latent shape (SD3's cropped table, Wan, HunyuanVideo) or a convolutional UNet cannot take a mixed set.
-FAMILIES = ("flux",)
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -152,11 +148,14 @@ def mixed_tokens(full_tokens: int, fraction: float) -> int:
 
 def check_family(adapter) -> None:
     """Refuse a region stage on a family that cannot take a mixed-resolution token set (before anything is touched)."""
-    if adapter.name not in FAMILIES:
+    from ...adapters.base import specs
+
+    if not (adapter.spec.resample and adapter.spec.resample.token_sets):  # the adapter's data: ResampleSpec.token_sets
+        known = sorted(s.name for s in specs() if s.resample is not None and s.resample.token_sets)
         raise UnsupportedModelError(
             f"{type(adapter.denoiser).__name__}: resolution-bottleneck sampling with a region stage (region-adaptive "
             f"upsampling, stages[].regions) runs a mixed-resolution token set with positions passed in as data, "
-            f"which the '{adapter.name}' family's denoiser does not take; supported families: {list(FAMILIES)}")
+            f"which the '{adapter.name}' family's denoiser does not take; supported families: {known}")
 
 
 def price(table, region: int, fraction: float):
