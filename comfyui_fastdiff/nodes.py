@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from fastdiff.errors import ConfigError
 from fastdiff.integrations import comfyui as host
 
 CATEGORY = "fastdiff"
@@ -75,6 +76,20 @@ def _sparse(model, pattern, density, top_p, window, block, start_percent):
     if pattern == "topp":  # pooled means flatten the scores: top-p keeps most blocks without antidiagonal scoring
         settings["method"] = "antidiag"
     return (host.patch(model, "sparse", settings),)
+
+
+def _bottleneck(scale, low_steps, strength, resize, strength_is):
+    from comfy.samplers import KSAMPLER  # ComfyUI, only when the node runs
+
+    from fastdiff.integrations.comfyui_sampler import BottleneckSampler, parse_stages
+
+    stages = [{"scale": 1, "steps": 1.0, "strength": 1.0}] if scale == 1 else \
+        [{"scale": scale, "steps": low_steps, "strength": 1.0}, {"scale": 1, "steps": 1.0 - low_steps,
+                                                                "strength": strength}]
+    if scale > 1 and not 0 < low_steps < 1:
+        raise ConfigError(f"fastdiff Bottleneck Sampler: low_steps must be a fraction in (0, 1) with scale > 1, got "
+                         f"{low_steps}")
+    return (KSAMPLER(BottleneckSampler(parse_stages(stages), resize, strength_is)),)
 
 
 def _accelerate(model, speedup):
@@ -166,6 +181,24 @@ NODES = (
           Input("start_percent", "float", "Fraction of the steps run with dense attention first (the layout forms "
                 "there).", 0.2, 0.0, 0.99, 0.01)),
          MODEL_OUT, _sparse),
+    Node("FastDiffBottleneckSampler", "fastdiff Bottleneck Sampler",
+         "Resolution-bottleneck sampling for flow-matching models (Flux, SD3, Wan), as a SAMPLER for SamplerCustom "
+         "/ SamplerCustomAdvanced: the first steps run on a latent `scale` times smaller (fewer tokens), then the "
+         "clean estimate is upscaled and re-noised to `strength`, and the last steps run at full size. Each stage's "
+         "sigmas come from the model's own sampling rule (its shift adjusted to the stage's size for Flux); the "
+         "scheduler's sigmas give the step count. The output has the full size; the console shows the stages.",
+         (Input("scale", "int", "Latent downscale of the first stage (2: half the height and width, a quarter of "
+                "the tokens); 1: one full-size stage (ComfyUI's Euler).", 2, 1, 4, 1),
+          Input("low_steps", "float", "Fraction of the steps run at low resolution.", 0.6, 0.05, 0.95, 0.01),
+          Input("strength", "float", "Noise level the full-size stage starts from after upscaling (1: pure noise; "
+                "lower keeps more of the low-resolution image).", 0.85, 0.05, 1.0, 0.01),
+          Input("resize", "combo", "How the clean estimate is upscaled between stages.", "bicubic",
+                options=("bicubic", "bilinear", "area", "lanczos")),
+          Input("strength_is", "combo", "'time': the strength is shifted like a timestep (Bottleneck Sampling's "
+                "rule); 'sigma': the full-size stage starts at exactly that noise level.", "time",
+                options=("time", "sigma"))),
+         (("sampler", "SAMPLER", "The sampler: connect it to SamplerCustom / SamplerCustomAdvanced."),),
+         _bottleneck),
     Node("FastDiffAccelerate", "fastdiff Accelerate",
          "A target speedup instead of settings: at each run fastdiff's planner picks, from the settings measured "
          "on its reference models, the caching and CFG-skipping with the most expected fidelity whose predicted "
@@ -190,7 +223,7 @@ NODES = (
 def v3(node: Node, io) -> type:
     """`node` as a V3 `io.ComfyNode` class."""
     kinds = {"model": io.Model, "latent": io.Latent, "float": io.Float, "int": io.Int, "combo": io.Combo,
-             "bool": io.Boolean, "string": io.String}
+             "bool": io.Boolean, "string": io.String, "sampler": io.Sampler}
 
     def make_input(i: Input):
         kw: dict[str, Any] = {"tooltip": i.tooltip}
@@ -221,7 +254,7 @@ def v3(node: Node, io) -> type:
 
 # -- older ComfyUI (NODE_CLASS_MAPPINGS) ------------------------------------------------------------------
 V1_TYPES = {"model": "MODEL", "latent": "LATENT", "float": "FLOAT", "int": "INT", "bool": "BOOLEAN",
-            "string": "STRING"}
+            "string": "STRING", "sampler": "SAMPLER"}
 
 
 def v1(node: Node) -> type:

@@ -276,6 +276,8 @@ class ComfyRun:
         self.records: list[CallRecord] = []
         self.current: Call | None = None
         self._step, self._calls = -1, 0
+        # the stage running (the bottleneck sampler's): its index, first step, and sigmas the clock reads steps from
+        self._stage, self._stage_start, self._stage_sigmas = 0, 0, None
         # token merging and sparse attention: through ComfyUI's attention patches and override (comfyui_tokens)
         self.tokens: TokenPatches | None = None
         split = {m.name: m for m in self.mechanisms if m.name in ("merge", "sparse")}
@@ -327,10 +329,20 @@ class ComfyRun:
     def _step_of(self, sigma: float) -> int:
         """The step i whose interval (sigma_i+1, sigma_i] of the schedule holds `sigma` (ComfyUI's sigmas run down):
         a call between two schedule sigmas is its step's; a second-order sampler's call at the next sigma (Heun's
-        corrector) is counted in the next step, as another call slot."""
-        down = [-s for s in self.sigmas[:-1]]
+        corrector) is counted in the next step, as another call slot. In a stage (`begin_stage`): the stage's
+        schedule, its steps counted on from the stage's first."""
+        sigmas = self.sigmas if self._stage_sigmas is None else self._stage_sigmas
+        down = [-s for s in sigmas[:-1]]
         i = bisect.bisect_right(down, -sigma * (1 - 1e-5)) - 1
-        return min(max(i, 0), self.steps - 1)
+        i = min(max(i, 0), len(sigmas) - 2)
+        return min(self._stage_start + i, self.steps - 1)
+
+    def begin_stage(self, stage: int, start: int, sigmas: torch.Tensor) -> None:
+        """A sampler that runs the steps in stages (fastdiff's bottleneck sampler) begins stage `stage` at the run's
+        step `start`, on `sigmas` (its own, from its first to the terminal 0; maybe another latent size): the clock
+        reads its steps from those, and state kept on another token grid is dropped at its first call."""
+        self._stage, self._stage_start = stage, start
+        self._stage_sigmas = [float(s) for s in sigmas.reshape(-1)]
 
     @torch.compiler.disable
     def open(self, args: tuple, kwargs: dict, to: dict, bound: dict | None = None) -> Call:
@@ -346,7 +358,8 @@ class ComfyRun:
         if step != self._step:
             self._step, self._calls = step, 0
         ctx = StepContext(self.index, step, self.steps, sigma, self._calls, self.adapter.branches(bound, None, 0),
-                          self.adapter.layout(bound))
+                          self.adapter.layout(bound), stage=self._stage, stage_start=self._stage_start,
+                          stage_steps=None if self._stage_sigmas is None else len(self._stage_sigmas) - 1)
         self._calls += 1
         self.run_state.enter_stage(ctx.run, ctx.stage, ctx.grid)
         record = CallRecord(ctx, part=PART)
