@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("comfy")
 
 STEPS = 8
 IDS = ("FastDiffCache", "FastDiffSkipCFG", "FastDiffTokenMerge", "FastDiffSparseAttention", "FastDiffAccelerate",
-       "FastDiffReport")
+       "FastDiffBottleneckSampler", "FastDiffReport")
 
 
 def _node(comfy, node_pack, node_id):
