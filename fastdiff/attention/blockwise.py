@@ -62,14 +62,15 @@ def gathered(q, k, v, kv_index, kv_count, block: int, scale: float | None = None
             r = torch.tensor(rows[s: s + step], device=q.device)
             ids = index[r, :width]  # (R, width) key blocks
             listed = torch.arange(width, device=q.device) < count[r].unsqueeze(-1)
-            flat = row_bh[r].unsqueeze(-1) * kb + ids
-            kg = kf[flat].reshape(len(r), width * block, d)
-            vg = vf[flat].reshape(len(r), width * block, dv)
+            # index_select of flat rows: the same copies as advanced indexing, several times cheaper on CPU
+            flat = (row_bh[r].unsqueeze(-1) * kb + ids).flatten()
+            kg = kf.index_select(0, flat).reshape(len(r), width * block, d)
+            vg = vf.index_select(0, flat).reshape(len(r), width * block, dv)
             ok = tok_ok[row_b[r].unsqueeze(-1), ids] & listed.unsqueeze(-1)  # (R, width, block)
             mask = ok.reshape(len(r), 1, width * block)
-            o = sdpa(qf[r], kg, vg, attn_mask=mask, scale=scale)
+            o = sdpa(qf.index_select(0, r), kg, vg, attn_mask=mask, scale=scale)
             # a query row whose every listed key is masked out gives NaN in SDPA: it attends nothing, so 0
-            out[r] = torch.where(mask.any(-1, keepdim=True), o, o.new_zeros(()))
+            out.index_copy_(0, r, torch.where(mask.any(-1, keepdim=True), o, o.new_zeros(())))
     return out.reshape(b, h, qb * block, dv)[:, :, :nq]
 
 
