@@ -470,10 +470,7 @@ class ComfyRun:
         if self.tokens is not None and self.tokens.sparse is not None:
             text += "\n  " + self.tokens.density_line(self.records)
         if self.tokens is not None and self.tokens.merge is not None:
-            merged, total, calls = self.tokens.tokens_merged(self.records)
-            text += (f"\n  merge: {merged} of {total} image tokens merged away (per sample, summed over the merged "
-                     f"attention submodules of {calls} of {len(self.records)} calls)" if calls else
-                     "\n  merge: no tokens merged in this run")
+            text += "\n  " + self.tokens.merge_line(self.records)
         if self.planned:
             text += f"\n  accelerate: {self.planned}"
         return summary, text

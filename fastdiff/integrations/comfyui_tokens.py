@@ -134,10 +134,11 @@ class TokenPatches:
         site, plan = pending
         return self.merge.split_out(self.run.current, site, out, plan)
 
-    def tokens_merged(self, records) -> tuple[int, int, int]:
-        """(image tokens merged away, image tokens the merged submodules would have run on, calls merged) over
-        the run's records, per sample."""
+    def merge_line(self, records) -> str:
+        """The report's merge line, per sample over the run's records: tome, the image tokens merged away of those
+        the merged submodules would have run on; todo, the keys pooled away."""
         by_path = {s.path: s for s in self.sites.values()}
+        todo = self.merge.config.method == "todo"
         merged = total = calls = 0
         for record in records:
             if not record.reductions:
@@ -145,9 +146,13 @@ class TokenPatches:
             calls += 1
             for path, reduction in record.reductions.items():
                 n = math.prod(level_grid(record.ctx.layout.grid, by_path[path].level))
-                merged += n - reduction.query
+                merged += n - (reduction.keys if todo else reduction.query)
                 total += n
-        return merged, total, calls
+        if not calls:
+            return "merge: no tokens merged in this run"
+        what = "keys/values pooled away" if todo else "image tokens merged away"
+        return (f"merge: {merged} of {total} {what} (per sample, summed over the merged attention submodules of "
+                f"{calls} of {len(records)} calls)")
 
 
     def attention(self, func, args: tuple, kwargs: dict):

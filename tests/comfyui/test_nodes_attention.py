@@ -72,8 +72,9 @@ def test_merge_node_runs_on_fewer_tokens_and_reports_them(host, node_pack, comfy
     # three transformer blocks are at the finest level (input 1, output 1 and 2): 32 tokens merged at each, per call
     sites = [r for r in summary.per_step]
     assert all(r.decisions == ["merge=" + ("kv 64>16" if method == "todo" else "64>32")] for r in sites)
-    merged = 0 if method == "todo" else 3 * 32 * STEPS
-    assert f"merge: {merged} of {3 * 64 * STEPS} image tokens merged away" in plan.report
+    # tome merges 32 of the 64 tokens away at each; todo pools the 64 keys 2x2 into 16: 48 pooled away
+    away, what = (48, "keys/values pooled away") if method == "todo" else (32, "image tokens merged away")
+    assert f"merge: {3 * away * STEPS} of {3 * 64 * STEPS} {what}" in plan.report
     assert repr(model.model_options) == options and not model.wrappers
     assert torch.equal(harness.sample(model, steps=STEPS), base)
 
