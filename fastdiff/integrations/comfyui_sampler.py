@@ -25,6 +25,7 @@ part-way (denoise < 1: img2img), an inpainting mask, a latent size a stage's sca
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 from dataclasses import dataclass, field
@@ -221,6 +222,11 @@ class BottleneckSampler:
             f"shift {s.shift:.3f}" for i, s in enumerate(self.last))
         if self.speedup is not None:
             self.report += f"; estimated speedup {self.speedup:.2f}x FLOPs over the same steps at full size"
+        if all(s.scale == 1 for s in self.last):
+            note = ("fastdiff: the bottleneck sampler does nothing in this run: every stage runs at full size "
+                    "(scale 1), so it is Euler sampling on the model's own schedule")
+            logging.getLogger("fastdiff.comfyui").warning(note)
+            self.report += "\n" + note
         print(self.report)
         if tuple(x.shape[-2:]) != size:
             raise FastDiffError(f"fastdiff bottleneck sampler: the last stage ended at {tuple(x.shape[-2:])}, not the "
