@@ -78,11 +78,13 @@ def _sparse(model, pattern, density, top_p, window, block, start_percent):
     return (host.patch(model, "sparse", settings),)
 
 
-def _bottleneck(scale, low_steps, strength, resize, strength_is):
+def _bottleneck(scale, low_steps, strength, resize, strength_is, stages=""):
     from comfy.samplers import KSAMPLER  # ComfyUI, only when the node runs
 
     from fastdiff.integrations.comfyui_sampler import BottleneckSampler, parse_stages
 
+    if stages.strip():
+        return (KSAMPLER(BottleneckSampler(parse_stages(_stage_list(stages)), resize, strength_is)),)
     stages = [{"scale": 1, "steps": 1.0, "strength": 1.0}] if scale == 1 else \
         [{"scale": scale, "steps": low_steps, "strength": 1.0}, {"scale": 1, "steps": 1.0 - low_steps,
                                                                 "strength": strength}]
@@ -90,6 +92,22 @@ def _bottleneck(scale, low_steps, strength, resize, strength_is):
         raise ConfigError(f"fastdiff Bottleneck Sampler: low_steps must be a fraction in (0, 1) with scale > 1, got "
                          f"{low_steps}")
     return (KSAMPLER(BottleneckSampler(parse_stages(stages), resize, strength_is)),)
+
+
+def _stage_list(text: str) -> list[dict]:
+    """'4:0.3:1, 2:0.3:0.8, 1:0.4:0.7' -> stages (scale:steps fraction:strength each)."""
+    out = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        try:
+            scale, steps, strength = int(fields[0]), float(fields[1]), float(fields[2])
+        except (ValueError, IndexError):
+            raise ConfigError(f"fastdiff Bottleneck Sampler: stage {part.strip()!r} is not scale:steps:strength "
+                              "(e.g. '2:0.6:1, 1:0.4:0.85')") from None
+        if len(fields) != 3:
+            raise ConfigError(f"fastdiff Bottleneck Sampler: stage {part.strip()!r} is not scale:steps:strength")
+        out.append({"scale": scale, "steps": steps, "strength": strength})
+    return out
 
 
 def _accelerate(model, speedup):
@@ -196,7 +214,10 @@ NODES = (
                 options=("bicubic", "bilinear", "area", "lanczos")),
           Input("strength_is", "combo", "'time': the strength is shifted like a timestep (Bottleneck Sampling's "
                 "rule); 'sigma': the full-size stage starts at exactly that noise level.", "time",
-                options=("time", "sigma"))),
+                options=("time", "sigma")),
+          Input("stages", "string", "Optional, more stages: scale:steps:strength each, comma separated, steps as "
+                "fractions of the run (e.g. '4:0.3:1, 2:0.3:0.8, 1:0.4:0.7'); when set it replaces scale, "
+                "low_steps and strength. The first starts at strength 1, the last at scale 1.", "")),
          (("sampler", "SAMPLER", "The sampler: connect it to SamplerCustom / SamplerCustomAdvanced."),),
          _bottleneck),
     Node("FastDiffAccelerate", "fastdiff Accelerate",

@@ -18,7 +18,8 @@ SIZES = {"flux": (16, 16), "sd3": (16, 16), "wan": (2, 16, 16)}
 
 def _node(comfy, node_pack, **settings):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["FastDiffBottleneckSampler"]
-    kw = {"scale": 2, "low_steps": 0.6, "strength": 0.85, "resize": "bicubic", "strength_is": "time", **settings}
+    kw = {"scale": 2, "low_steps": 0.6, "strength": 0.85, "resize": "bicubic", "strength_is": "time", "stages": "",
+          **settings}
     return node.execute(**kw).result[0]
 
 
@@ -131,3 +132,17 @@ def test_refusals_come_before_the_model_runs(comfy, node_pack):
     assert not seen
     with pytest.raises(ConfigError, match="strength"):
         _node(comfy, node_pack, strength=0.0)
+    with pytest.raises(ConfigError, match="last stage must be full size"):
+        _node(comfy, node_pack, stages="4:0.5:1, 2:0.5:0.8")
+    with pytest.raises(ConfigError, match="not scale:steps:strength"):
+        _node(comfy, node_pack, stages="4:0.5")
+
+
+def test_three_stages_from_the_stages_input(comfy, node_pack):
+    model = harness.build_model("flux")
+    sampler = _node(comfy, node_pack, stages="4:0.25:1, 2:0.25:0.9, 1:0.5:0.8")
+    out = harness.sample_with(model, sampler, harness.sigmas(model, steps=STEPS, scheduler="simple"), size=(16, 16))
+    assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all()
+    run = sampler.sampler_function
+    assert [(s.scale, s.size, s.steps) for s in run.last] == [(4, (4, 4), 2), (2, (8, 8), 2), (1, (16, 16), 4)]
+    assert run.last[1].sigmas[0] < 1 and run.last[2].sigmas[0] < run.last[1].sigmas[0]
