@@ -673,8 +673,9 @@ def calibrate_latency(pipe_or_denoiser: Any, call: Callable[[], Any], *, scales=
 
     One denoiser call of `call()` (e.g. `lambda: pipe(**kwargs)`) is recorded and replayed, at its own size and at
     `scales` of its latent side (4-D latents, and packed ones on a token grid with their positions rebuilt), bare,
-    under a session, and with each of `PROBES` (merging at two ratios, a sparse window, top-k); the medians of `repeats` interleaved rounds are fitted to the terms. The model
-    is left as it was (each probe is applied and removed around its replays).
+    under a session, and with each of `PROBES` (merging at two ratios, a sparse window, top-k); the medians of
+    `repeats` interleaved rounds are fitted to the terms. The model is left as it was (each probe is applied and
+    removed around its replays).
     """
     import fastdiff
 

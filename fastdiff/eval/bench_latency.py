@@ -12,7 +12,8 @@ of the denoiser time (error = predicted / measured - 1) and shows the whole call
 
 Part 2 (the planner): at 2x and 3x on ref-digits and ref-flux, `fastdiff.plan(speedup=...)`'s pick is run beside
 single-mechanism settings; the best single setting whose measured speedup is at least the pick's (within 3%) is
-compared by PSNR against the dense samples and class accuracy.
+compared by PSNR against the dense samples and class accuracy, and so is cache-dit's best setting (DBCache, and
+DBCache + TaylorSeer, thresholds searched to the targets' equal compute by fastdiff.eval.peers) at that speedup.
 
 Writes results.json, results.csv and README.md under --out, and the calibrations under --out/calibrations/.
 `--write-default` also stores a joint fit over every model's calibration points as the shipped default
@@ -242,32 +243,67 @@ def part2(args) -> list[dict]:
                 arms.append(timing.workload_arm(label, wl, session=lambda c=cfg: fastdiff.accelerated(wl.pipe, c)))
                 meta[label] = dict(kind="single", target=None, choice=label, predicted=est.time_speedup,
                                    expected_psnr=opt.psnr)
+        refused = peer_arms(name, wl, arms, meta)
         timed = timing.interleaved(arms, args.plan_repeats, warmup=1)
         result = timing.result_rows(timed, meta, wl.trained, lambda n, s: None, classify)
         for r in result:
             r["model"] = name
-        singles = [r for r in result if r["kind"] == "single"]
+        for kind, col in (("single", "best_single"), ("peer", "cache_dit")):
+            rivals_of = [s for s in result if s["kind"] == kind]
+            for r in result:
+                if r["kind"] != "plan":
+                    continue
+                rival = [s for s in rivals_of if s["speedup"] >= 0.97 * r["speedup"]]
+                best = max(rival, key=lambda s: s["psnr"], default=None)
+                r[col] = best["choice"] if best else "none reaches this speedup"
+                r[f"{col}_speedup"] = best["speedup"] if best else None
+                r[f"{col}_psnr"] = best["psnr"] if best else None
+                r[f"{col}_accuracy"] = best.get("accuracy") if best else None
         for r in result:
-            if r["kind"] != "plan":
-                continue
-            rival = [s for s in singles if s["speedup"] >= 0.97 * r["speedup"]]
-            best = max(rival, key=lambda s: s["psnr"], default=None)
-            r["best_single"] = best["choice"] if best else "none reaches this speedup"
-            r["best_single_speedup"] = best["speedup"] if best else None
-            r["best_single_psnr"] = best["psnr"] if best else None
-            r["best_single_accuracy"] = best.get("accuracy") if best else None
-            print(f"  {name:10} {r['choice'][:60]:60} target {r['target']}x measured {r['speedup']:.2f}x PSNR "
-                  f"{r['psnr']:.1f} acc {r.get('accuracy')} | best single: {r['best_single']} "
-                  f"{r['best_single_speedup'] or 0:.2f}x {r['best_single_psnr'] or 0:.1f} dB", flush=True)
-        rows += result
+            if r["kind"] == "plan":
+                print(f"  {name:10} {r['choice'][:60]:60} target {r['target']}x measured {r['speedup']:.2f}x PSNR "
+                      f"{r['psnr']:.1f} acc {r.get('accuracy')} | best single: {r['best_single']} "
+                      f"{r['best_single_speedup'] or 0:.2f}x {r['best_single_psnr'] or 0:.1f} dB | cache-dit: "
+                      f"{r['cache_dit']} {r['cache_dit_speedup'] or 0:.2f}x {r['cache_dit_psnr'] or 0:.1f} dB",
+                      flush=True)
+        rows += result + refused
     return rows
+
+
+def peer_arms(name: str, wl, arms, meta) -> list[dict]:
+    """An arm per cache-dit setting (DBCache, DBCache + TaylorSeer; fastdiff.eval.peers drives them as
+    bench_cache does) at each target: its residual threshold searched so the call skips 1 - 1/target of its block
+    computations (equal compute, bench_cache's matching); returns rows naming the settings that cannot run here."""
+    from . import peers
+    from .bench_cache import _removing
+
+    refused = []
+    for peer in [p for p in peers.PEERS if p.startswith("cache-dit")]:
+        for target in TARGETS:
+            kw = wl.make_kwargs()
+
+            def session(peer=peer, kw=kw, skip=1 - 1 / target):
+                return _removing(peers.apply_peer(wl.pipe, peer, "fast", call_kwargs=kw, target_skip=skip))
+
+            try:
+                with torch.no_grad(), session():
+                    pass
+            except (peers.PeerError, KeyError) as err:
+                refused.append(dict(model=name, kind="peer refused", target=None, choice=peer, note=str(err)))
+                print(f"  {name:10} {peer}: not run ({err})", flush=True)
+                break
+            label = f"{peer} @ skip {1 - 1 / target:.2f}"
+            arms.append(timing.workload_arm(label, wl, session=session, finish=lambda remove: remove))
+            meta[label] = dict(kind="peer", target=target, choice=label, predicted=None)
+    return refused
 
 
 def write(out: Path, env: dict, rows: list[dict], cals: list[dict], plans: list[dict]) -> None:
     timing.write_results(out, dict(env, calibrations=cals), rows + plans,
                          ["model", "config", "flops_speedup", "predicted", "measured", "error", "wall_speedup",
                           "reliable", "kind", "target", "choice", "speedup", "psnr", "accuracy", "best_single",
-                          "best_single_speedup", "best_single_psnr", "best_single_accuracy"])
+                          "best_single_speedup", "best_single_psnr", "best_single_accuracy", "cache_dit",
+                          "cache_dit_speedup", "cache_dit_psnr", "cache_dit_accuracy"])
     lines = ["# Latency model: predicted vs measured speedups; the planner against single mechanisms", "",
              f"Device {env['device']}, {env['threads']} thread(s), torch {env['torch']}; command: `{env['command']}`",
              "", "Timings are medians of interleaved rounds (fastdiff.eval.timing). 'measured' is the speedup of the "
@@ -289,20 +325,23 @@ def write(out: Path, env: dict, rows: list[dict], cals: list[dict], plans: list[
                   f"{sum(abs(r['flops_error']) <= 0.10 for r in rows)}/{len(rows)})."]
     lines += ["", "## The planner's pick against the best single mechanism at the same measured speedup", "",
               "| model | target | pick | measured x | PSNR | accuracy | best single (>= 0.97 x the pick's speedup) | "
-              "its x | its PSNR | its accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "its x | its PSNR | its accuracy | cache-dit's best (>= 0.97 x) | its x | its PSNR | its accuracy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in plans:
         if r.get("kind") != "plan":
             continue
         if r.get("choice") == "refused":
-            lines.append(f"| {r['model']} | {r['target']}x | refused: {r['note'][:160]} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['target']}x | refused: {r['note'][:160]} | | | | | | | | | | | |")
             continue
         f = lambda v, p=".2f": "-" if v is None else format(v, p)  # noqa: E731
         lines.append(f"| {r['model']} | {r['target']}x | {r['choice']} | {f(r['speedup'])} | {f(r['psnr'], '.1f')} | "
                      f"{f(r.get('accuracy'))} | {r['best_single']} | {f(r['best_single_speedup'])} | "
-                     f"{f(r['best_single_psnr'], '.1f')} | {f(r['best_single_accuracy'])} |")
+                     f"{f(r['best_single_psnr'], '.1f')} | {f(r['best_single_accuracy'])} | {r['cache_dit']} | "
+                     f"{f(r['cache_dit_speedup'])} | {f(r['cache_dit_psnr'], '.1f')} | {f(r['cache_dit_accuracy'])} |")
     lines += ["", "Single settings timed:", ""]
     lines += [f"- {r['model']}: {r['choice']}: {r['speedup']:.2f}x, {r['psnr']:.1f} dB, accuracy {r.get('accuracy')}"
-              for r in plans if r.get("kind") == "single"]
+              for r in plans if r.get("kind") in ("single", "peer")]
+    lines += [f"- {r['model']}: {r['choice']} not run: {r['note'][:200]}" for r in plans if r.get("kind") == "peer refused"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
