@@ -91,7 +91,8 @@ class TokenModule:
     """A submodule of a transformer block that runs on tokens, which token merging may wrap.
 
     Args:
-        name: attribute of the block ("attn1", "ff"); blocks where it is missing or None are skipped.
+        name: attribute of the block ("attn1", "ff"); blocks where it is missing or None are skipped; "" is the
+            block itself, for attention called as a function inside it (ComfyUI's Flux) rather than as a module.
         role: "self_attention", "cross_attention" or "mlp".
         text: where text tokens are in its `hidden_states`: "none" (image tokens only; a cross-attention's text
             comes in as keys), "separate" (text in `encoder_hidden_states`, output a tuple with the image tokens
