@@ -495,12 +495,15 @@ def report(summary: Summary) -> str:
                 name, value = item.split("=", 1)
                 decisions.setdefault(name, {}).setdefault(value, 0)
                 decisions[name][value] += 1
-    first = summary.per_step[0] if summary.per_step else None
-    tokens = "-" if first is None or first.image_tokens is None else f"{first.image_tokens}+{first.text_tokens}"
+    per_stage = {}  # stage -> its first step's tokens (a bottleneck sampler's stages run at their own sizes)
+    for row in summary.per_step:
+        per_stage.setdefault(row.stage, "-" if row.image_tokens is None else f"{row.image_tokens}+{row.text_tokens}")
+    tokens = " / ".join(per_stage.values()) or "-"
+    staged = f", {summary.stages} stages" if summary.stages > 1 else ""
     speed = summary.estimated_speedup
-    lines = [f"fastdiff ({summary.family}, {summary.model}): {summary.steps} steps, {summary.calls} model calls, "
-             f"tokens {tokens} per sample, estimated speedup {speed:.2f}x" if speed else
-             f"fastdiff ({summary.family}, {summary.model}): {summary.steps} steps, {summary.calls} model calls"]
+    lines = [f"fastdiff ({summary.family}, {summary.model}): {summary.steps} steps{staged}, {summary.calls} model "
+             f"calls, tokens {tokens} per sample, estimated speedup {speed:.2f}x" if speed else
+             f"fastdiff ({summary.family}, {summary.model}): {summary.steps} steps{staged}, {summary.calls} model calls"]
     for name, counts in decisions.items():
         lines.append(f"  {name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if not decisions:

@@ -16,6 +16,9 @@ from tests.comfyui import harness
 WORKFLOWS = harness.NODE_PACK / "example_workflows"
 FAMILY_WORKFLOWS = {"flux": "fastdiff_flux.json", "sd15": "fastdiff_sd15.json", "sd3": "fastdiff_sd3.json",
                     "wan": "fastdiff_wan.json"}
+# more workflows of a family: the resolution-bottleneck SAMPLER through SamplerCustomAdvanced (family, file)
+SAMPLER_WORKFLOWS = {"flux": "fastdiff_flux_bottleneck.json"}
+ALL_WORKFLOWS = [*FAMILY_WORKFLOWS.values(), *SAMPLER_WORKFLOWS.values()]
 # the model-file inputs of the loaders the workflows use -> ComfyUI's model folder they list
 MODEL_FILES = {"UNETLoader": {"unet_name": "diffusion_models"}, "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
                "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
@@ -35,7 +38,7 @@ def registry(comfy, node_pack, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("comfy_models")
     added = []
-    for name in FAMILY_WORKFLOWS.values():
+    for name in ALL_WORKFLOWS:
         for node in _workflow(name).values():
             for key, folder in MODEL_FILES.get(node["class_type"], {}).items():
                 (root / folder).mkdir(exist_ok=True)
@@ -90,7 +93,7 @@ def test_pyproject_parses_as_comfy_registry_config(comfy):
 
 def test_every_family_has_a_workflow():
     assert set(FAMILY_WORKFLOWS) == set(harness.FAMILIES)
-    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(FAMILY_WORKFLOWS.values())
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(ALL_WORKFLOWS)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_WORKFLOWS))
@@ -127,7 +130,7 @@ def test_validation_catches_broken_workflows(comfy, registry):
 
 
 def test_workflows_are_plain_api_format():
-    for name in FAMILY_WORKFLOWS.values():
+    for name in ALL_WORKFLOWS:
         for node_id, node in _workflow(name).items():
             assert node_id.isdigit() and set(node) <= {"class_type", "inputs", "_meta"}
             for value in node["inputs"].values():
@@ -168,3 +171,37 @@ def test_workflow_runs_on_the_tiny_model(comfy, registry, family):
     report, latent = run_node(harness, "FastDiffReport", model=model, latent={"samples": out})
     assert latent["samples"] is out
     assert f"{ks['steps']} steps" in report
+
+
+@pytest.mark.parametrize("family", sorted(SAMPLER_WORKFLOWS))
+def test_sampler_workflow_is_valid_and_runs_on_the_tiny_model(comfy, registry, family):
+    """The bottleneck sampler's workflow passes ComfyUI's validation, its SAMPLER goes into SamplerCustomAdvanced with
+    a model from our nodes, and its settings sample the family's tiny model at full size with the stages it names."""
+    from fastdiff.eval.bench_comfyui import run_node
+
+    workflow = _workflow(SAMPLER_WORKFLOWS[family])
+    assert _problems(comfy, registry, workflow) == []
+    custom_id = next(i for i, n in workflow.items() if n["class_type"] == "SamplerCustomAdvanced")
+    custom = workflow[custom_id]["inputs"]
+    sampler = workflow[custom["sampler"][0]]
+    assert sampler["class_type"] == "FastDiffBottleneckSampler"
+    guider = workflow[custom["guider"][0]]
+    assert workflow[guider["inputs"]["model"][0]]["class_type"].startswith("FastDiff")
+    model = harness.build_model(family)
+    for node_id in _model_chain(workflow, custom["guider"][0])[1:]:
+        node = workflow[node_id]
+        model = run_node(harness, node["class_type"], model=model,
+                         **{k: v for k, v in node["inputs"].items() if not isinstance(v, list)})[0]
+    (ksampler,) = run_node(harness, "FastDiffBottleneckSampler", **sampler["inputs"])
+    steps = workflow[custom["sigmas"][0]]["inputs"]["steps"]
+    sigmas = run_node(harness, "BasicScheduler", model=model, scheduler="simple", steps=min(steps, 6), denoise=1.0)[0]
+    plain = harness.sample(model, family, seed=0, steps=min(steps, 6), scheduler="simple")
+    out = harness.sample_with(model, ksampler, sigmas, family, seed=0)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    from fastdiff.integrations import comfyui as host
+
+    summary = host.plan_of(model).last  # the cache node's run: one run of the sampler's two stages
+    assert summary.stages == 2 and len(summary.per_step) == min(steps, 6)
+    report, _ = run_node(harness, "FastDiffReport", model=model, latent={"samples": out})
+    assert f"{min(steps, 6)} steps, 2 stages" in report and "tokens 4+8 / 16+8 per sample" in report  # 4x4, 8x8 latents
+
