@@ -115,6 +115,17 @@ def call_size(wl) -> tuple[int, int]:
     return int(out.shape[-2]), int(out.shape[-1])
 
 
+def call_text_tokens(wl) -> int:
+    """The text tokens the denoiser sees in this workload's call (what fastdiff.estimate takes as text_tokens; its
+    default is the family's usual prompt length, far longer than the references' prompts)."""
+    from fastdiff import planner
+
+    _, denoiser, _ = find_parts(wl.pipe)
+    args, kwargs = planner.record_call(denoiser, lambda: wl.pipe(**{**wl.make_kwargs([0]), "num_inference_steps": 1}))
+    adapter = fastdiff.adapters.resolve(denoiser)
+    return adapter.layout(adapter.bind(args, kwargs)).text_tokens
+
+
 class DenoiserClock:
     """Seconds spent inside the denoiser's calls per run, by forward hooks around them (arm -> list per round)."""
 
@@ -148,7 +159,9 @@ def median(xs):
 
 def calibrate(name: str, wl, args, out: Path):
     t0 = time.perf_counter()
-    cal = fastdiff.calibrate_latency(wl.pipe, lambda: wl.pipe(**{**wl.make_kwargs([0]), "num_inference_steps": 2}),
+    # the timed runs' own call (every sample, so the batch too): at one sample the small references are all per-call
+    # overhead and the fit cannot see how their time grows with tokens (a bottleneck stage was priced as no saving)
+    cal = fastdiff.calibrate_latency(wl.pipe, lambda: wl.pipe(**{**wl.make_kwargs(), "num_inference_steps": 2}),
                              scales=args.scales, repeats=args.cal_repeats, directory=out / "calibrations")
     took = time.perf_counter() - t0
     print(f"  calibrated {name} in {took:.1f} s: {cal.path}", flush=True)
@@ -180,7 +193,8 @@ def part1(args, out: Path) -> tuple[list[dict], list[dict]]:
         finally:
             clock.close()
         cfg_on = wl.make_kwargs([0]).get("guidance_scale", getattr(wl.pipe, "_guidance_scale", 2.0)) != 1.0
-        size = dict(height=height, width=width, steps=kw["steps"], batch=kw["samples"], cfg=bool(cfg_on))
+        size = dict(height=height, width=width, steps=kw["steps"], batch=kw["samples"], cfg=bool(cfg_on),
+                    text_tokens=call_text_tokens(wl))
         dense = fastdiff.estimate(wl.pipe, None, calibration=cal, **size)
         base_den = median(clock.times["baseline"])
         for label, cfg in configs.items():
@@ -213,7 +227,7 @@ def part2(args) -> list[dict]:
         wl = load(name, kw)
         height, width = call_size(wl)
         cal = _latency.load(find_parts(wl.pipe)[1], ROOT / args.out / "calibrations")
-        size = dict(height=height, width=width, steps=kw["steps"], batch=kw["samples"])
+        size = dict(height=height, width=width, steps=kw["steps"], batch=kw["samples"], text_tokens=call_text_tokens(wl))
         classify = timing.class_accuracy(name)
         arms = [timing.workload_arm("baseline", wl)]
         meta = {"baseline": dict(kind="baseline", target=None, choice="-", predicted=1.0)}
