@@ -213,3 +213,21 @@ def test_probe_runs_refine_the_plan_on_the_users_call(pixart):
                 out = tiny.output_tensor(pipe(**kw()))
     measured = 10 * torch.log10((dense.max() - dense.min()) ** 2 / ((out - dense) ** 2).mean()).item()
     assert measured == pytest.approx(max(t[1] for t in p.trace), rel=1e-5)  # the chosen one is the best measured
+
+
+def test_the_planner_chooses_a_bottleneck_stage_split_for_a_speedup(tmp_path, monkeypatch):
+    """Asked for a speedup with the bottleneck alone, the plan is a stage split measured on the FLUX reference whose
+    predicted time meets the target, and `estimate` prices that config to the plan's figure; a speedup no stage split
+    reaches is refused naming the reachable range."""
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    pipe = tiny.build_pipeline("flux")
+    latency.Calibration(COEF, latency.device_key(), latency.model_key(pipe.transformer), "measured for the test").save(
+        latency.cache_path(pipe.transformer))
+    size = dict(height=64, width=64, steps=20)
+    p = fastdiff.plan(pipe, speedup=1.5, mechanisms=("bottleneck",), **size)
+    assert p.config.bottleneck is not None and [c.split(":")[0] for c in p.choices] == ["bottleneck"]
+    assert len(p.config.bottleneck.stages) >= 2 and any(st.get("scale", 1) > 1 for st in p.config.bottleneck.stages)
+    est = fastdiff.estimate(pipe, p.config, **size)
+    assert est.time_speedup == pytest.approx(p.speedup) and p.speedup >= 1.5 * 0.95 and len(est.stages) >= 2
+    with pytest.raises(fastdiff.ConfigError, match="reachable range"):
+        fastdiff.plan(pipe, speedup=50.0, mechanisms=("bottleneck",), **size)
