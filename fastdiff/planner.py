@@ -106,12 +106,7 @@ def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency
     _check_real("target speedup", target, 1.0, 100.0)
     _check_real("tolerance", tolerance, 0.0, 0.5)
     check_int("max_runs", max_runs, 1, 100)
-    if call is not None and not callable(call):
-        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
-                          f"{type(call).__name__}")
-    unknown = sorted(set(shape) - set(SHAPE_KEYS))
-    if unknown:
-        raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
+    _check_call_and_shape(call, shape)
     cfg = fastdiff.load_config(config)
     if cfg.cache is None:
         raise ConfigError("plan() tunes the cache section: give a config with a cache policy")
@@ -164,6 +159,15 @@ def plan(pipe: Any, config: Any = None, *, speedup: float | None = None, latency
     reached = [t for t in trace if t[1] <= target * (1 + tolerance)] or trace
     value, speed = max(reached, key=lambda t: (t[1], -t[0]))
     return Plan(cfg.merged({"cache": {"threshold": value}}), target, speed, "cache.threshold", value, len(trace), trace)
+
+
+def _check_call_and_shape(call: Any, shape: dict) -> None:
+    if call is not None and not callable(call):
+        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
+                          f"{type(call).__name__}")
+    unknown = sorted(set(shape) - set(SHAPE_KEYS))
+    if unknown:
+        raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
 
 
 def _check_real(name: str, value: Any, low: float, high: float) -> None:
@@ -362,12 +366,7 @@ def plan_space(pipe: Any, config: Any = None, *, speedup: float | None = None, l
         _check_real("latency", latency, 1e-9, 1e9)
     _check_real("tolerance", tolerance, 0.0, 0.5)
     check_int("probes", probes, 1, 20)
-    if call is not None and not callable(call):
-        raise ConfigError(f"call must be a function of no arguments (e.g. lambda: pipe(**kwargs)), got "
-                          f"{type(call).__name__}")
-    unknown = sorted(set(shape) - set(SHAPE_KEYS))
-    if unknown:
-        raise ConfigError(f"plan() got unknown size argument(s) {unknown}; fastdiff.estimate's are {list(SHAPE_KEYS)}")
+    _check_call_and_shape(call, shape)
     missing = [k for k in ("height", "width", "steps") if k not in shape]
     if missing:
         raise ConfigError(f"plan(speedup=/latency=) prices the call: it needs the call's size, missing {missing} "

@@ -121,14 +121,19 @@ def write(rows, wl, args, out: Path, skipped=()) -> None:
     if skipped:
         lines += [f"Not run with {type(wl.pipe.scheduler).__name__} (a stateful sampler schedules each stage "
                   f"img2img-style; strength as a sigma is FlowMatchEuler's): {', '.join(skipped)}.", ""]
-    lines += ["| method | time s ± spread | speedup [per-round range] | FLOPs x | PSNR dB | SSIM | class acc | FD (clf) "
-              "| config |", "|---|---|---|---|---|---|---|---|---|"]
+    (out / "README.md").write_text("\n".join(lines + table(rows)) + "\n")
+
+
+def table(rows) -> list[str]:
+    """The markdown table of a bottleneck benchmark's rows (this one's and bench_regions')."""
+    lines = ["| method | time s ± spread | speedup [per-round range] | FLOPs x | PSNR dB | SSIM | class acc | FD (clf) "
+             "| config |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
         lines.append(f"| {r['method']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | {fl} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {_num(r.get('accuracy')):.2f} | {_num(r.get('fd_real')):.1f} | "
                      f"`{r['config']}` |")
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv=None) -> None:

@@ -22,6 +22,7 @@ import torch
 import fastdiff
 
 from . import timing, workloads
+from .bench_bottleneck import table
 
 
 def regions(r: float | None, low=0.5, mid=0.25, strength=(0.7, 0.6)) -> dict:
@@ -123,14 +124,7 @@ def write(rows, wl, out: Path) -> None:
     env = timing.environment("fastdiff.eval.bench_regions", wl)
     timing.write_results(out, env, rows, ["method", *timing.RESULT_KEYS, "fd_real", "config"])
     lines = [f"# Region-adaptive upsampling benchmark: {wl.name}", "", *(f"- **{k}**: {v}" for k, v in env.items()),
-             "", timing.TABLE_NOTE, "",
-             "| method | time s ± spread | speedup [per-round range] | FLOPs x | PSNR dB | SSIM | class acc | FD (clf) "
-             "| config |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        fl = "-" if r.get("flops_speedup") is None else f"{r['flops_speedup']:.2f}"
-        lines.append(f"| {r['method']} | {timing.time_cell(r)} | {timing.speed_cell(r)} | {fl} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.4f} | {r.get('accuracy', float('nan')):.2f} | {r.get('fd_real', float('nan')):.1f} | "
-                     f"`{r['config']}` |")
+             "", timing.TABLE_NOTE, "", *table(rows)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -43,7 +43,9 @@ from ..errors import ConfigError, FastDiffError, UnsupportedModelError
 from ..host import Call, Hook, run_rows
 from ..mechanisms import registry
 from ..summary import Summary
-from .comfyui_tokens import TokenPatches, install as install_token_patches, refuse as refuse_tokens, refuse_sparse
+from .comfyui_tokens import TokenPatches, refuse_sparse
+from .comfyui_tokens import install as install_token_patches
+from .comfyui_tokens import refuse as refuse_tokens
 
 KEY = "fastdiff"  # transformer_options key of the clone's Plan, and the wrappers' key
 RUN_KEY = "fastdiff_run"  # transformer_options key of the run in progress (in the guider's copy of the options)

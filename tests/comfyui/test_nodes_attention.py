@@ -3,7 +3,6 @@ attn1/attn2 patches, on the UNet). Each changes compute and its report says exac
 summary's FLOPs == the cost model's price), the input MODEL is untouched, a no-op setting is bit-identical, clones
 and queue items share nothing, and what cannot apply is refused before anything is patched."""
 
-import math
 
 import pytest
 import torch
