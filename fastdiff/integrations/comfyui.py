@@ -240,6 +240,10 @@ def _block_patch(path: str, bp: comfy_adapters.BlockPatch, before: Callable | No
     return block
 
 
+def _copy(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _hooked(hook: Hook, call: Call, inner: Callable, *args, **kwargs):
     return hook(call, inner, args, kwargs)
 
@@ -381,12 +385,17 @@ class ComfyRun:
         [text; image] sequence is handed over as its two streams."""
         names = bp.outputs
         if not bp.joint:
+            # ComfyUI's blocks add into their stream inputs in place (Flux's `img += ...`), and the block after this
+            # one into what it returns: a tensor the hooks were handed (a cache keeps its span's input) must not
+            # change after. So the block runs on copies of its streams, and ComfyUI goes on with copies of what the
+            # hooks return. (A joint block's streams are joined into a new tensor each way already.)
             def inner(**kw):
-                out = base(kw)
+                out = base({**kw, **{k: _copy(kw.get(k)) for k in names}})
                 return out[names[0]] if len(names) == 1 else tuple(out[k] for k in names)
 
             out = self.through(path, inner, (), {k: args.get(k) for k in bp.args})
-            return {names[0]: out} if len(names) == 1 else dict(zip(names, out))
+            out = (out,) if len(names) == 1 else out
+            return {k: _copy(v) for k, v in zip(names, out)}
         n = self.current.ctx.layout.text_tokens
         joint = args["img"]
 

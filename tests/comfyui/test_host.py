@@ -290,3 +290,43 @@ def test_lora_on_a_patched_clone(host):
     assert host.plan_of(lora).last.per_step[2].decisions == ["cache=reuse"]  # the clone keeps the cache
     assert torch.equal(harness.sample(cached, steps=STEPS), out)
     assert torch.equal(harness.sample(model, steps=STEPS), base) and torch.equal(model.model.state_dict()[key], weight)
+
+
+def test_cache_in_comfy_flux_reuses_what_diffusers_flux_reuses(host):
+    """ref-flux in ComfyUI's Flux under the static cache computes what the same diffusers Flux computes under
+    fastdiff.apply's cache: a computed step then a reused one (the span's residual from the first step added to the
+    second step's span input), to float tolerance (the two models differ by ~1e-6 dense, test_harness); and the
+    reuse is not the dense result. ComfyUI's blocks add into their inputs in place: a span input kept without a copy
+    became the double blocks' output, and the reuse lost their residual (a ~20 dB PSNR cache on ref-flux)."""
+    import fastdiff
+    from fastdiff.eval.reference.flux import flux_predict
+
+    c = harness.load_comfy()
+    model, pipe = harness.build_reference("ref-flux")
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    sigmas, y = torch.tensor([0.8, 0.6, 0.0]), torch.tensor([3, 7])
+    conds = harness.reference_conds(pipe, y)
+
+    def sample(m):  # two Euler steps on a zero latent: 0.8 -> 0.6 (computed) -> 0 (reused)
+        with torch.inference_mode():
+            return c.sample.sample_custom(m, noise, 1.0, c.samplers.ksampler("euler"), sigmas, conds[0], conds[1],
+                                          torch.zeros(2, 1, 32, 32), disable_pbar=True, seed=0)
+
+    dense = sample(model)
+    patched = host.patch(model, "cache", {"policy": "static", "interval": 2, "start": 0.0, "end": 1.0})
+    ours = sample(patched)
+    assert [r.decisions for r in host.plan_of(patched).last.per_step] == [["cache=compute"], ["cache=reuse"]]
+    parts = {"transformer": pipe.transformer, "class_embedding": pipe.class_embedding,
+             "pooled_embedding": pipe.pooled_embedding}
+    handle = fastdiff.apply(pipe, {"cache": {"policy": "static", "interval": 2, "warmup": 0, "cooldown": 0}})
+    try:
+        with torch.no_grad():
+            x = sigmas[0] * noise
+            for s, t in zip(sigmas[:-1], sigmas[1:]):
+                x = x + (t - s) * flux_predict(parts, x, s.reshape(1), y)
+        decisions = [r.decisions for r in handle.summary().per_step]
+    finally:
+        handle.remove()
+    assert decisions == [["cache=compute"], ["cache=reuse"]]
+    assert torch.allclose(ours, x, atol=1e-4, rtol=0)
+    assert (ours - dense).abs().max() > 0.05
