@@ -34,12 +34,9 @@ import torch
 
 from ..errors import ConfigError, FastDiffError, UnsupportedModelError
 from ..mechanisms.bottleneck import resample
-from ..mechanisms.bottleneck.schedule import STRENGTH_RULES, Stage, split_steps
+from ..mechanisms.bottleneck.schedule import DYNAMIC_RULE, STRENGTH_RULES, Stage, split_steps
 
 RUN_KEY = "fastdiff_run"
-# Flux' resolution rule for its shift (mu linear in the image tokens): ComfyUI's ModelSamplingFlux node's and
-# diffusers' FluxPipeline defaults
-FLUX_RULE = (256, 4096, 0.5, 1.15)
 
 
 def is_flow(model_sampling) -> bool:
@@ -111,7 +108,7 @@ class BottleneckSampler:
             return float(stage.shift)
         shift = float(model_sampling.shift)
         if any(c.__name__ == "ModelSamplingFlux" for c in type(model_sampling).__mro__):  # ComfyUI subclasses it
-            base, top, lo, hi = FLUX_RULE
+            base, top, lo, hi = DYNAMIC_RULE  # Flux' resolution rule: mu linear in the image tokens
             return shift + (hi - lo) / (top - base) * (tokens - full_tokens)
         return shift
 

@@ -71,11 +71,15 @@ def split_steps(total: int, stages: tuple[Stage, ...]) -> list[int]:
     return [int(f) if f is not None else counts[i] for i, f in enumerate(fixed)]
 
 
+# (base tokens, max tokens, base mu, max mu): diffusers' flow pipelines' defaults, also ComfyUI's ModelSamplingFlux's
+DYNAMIC_RULE = (256, 4096, 0.5, 1.15)
+
+
 def _dynamic_rule(cfg) -> tuple[float, float, float, float]:
     """(base tokens, max tokens, base mu, max mu) of a dynamic-shift scheduler: mu is linear in the token count
-    between the two, as diffusers' flow pipelines compute it (with their defaults)."""
-    return (cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15))
+    between the two, as diffusers' flow pipelines compute it (with their defaults, `DYNAMIC_RULE`)."""
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    return tuple(cfg.get(k, d) for k, d in zip(keys, DYNAMIC_RULE))
 
 
 def tokens_of_mu(scheduler, mu: float) -> int:
